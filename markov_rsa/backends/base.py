@@ -1,0 +1,86 @@
+"""The Backend protocol: what the engine needs from a model, and nothing more.
+
+A backend turns one :class:`GenerationRequest` into one :class:`Generation`. The engine sends every
+request of a round at once and awaits them concurrently, so a backend batches (local models) or
+fans out (remote endpoints) as it sees fit. ``tokenize``/``detokenize`` use the model's own
+tokenizer so that tails and chunk carry-overs are cut on exact model tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+Message = dict[str, str]
+FinishReason = Literal["stop", "length", "error"]
+TokenizerKind = Literal["exact", "approximate"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: chat messages, optionally continuing a partial assistant turn.
+
+    ``assistant_prefix`` continues the assistant's reply (chunked rollouts carry their head and the
+    previous chunk's end this way); ``assistant_prefix_ids`` holds the same text as model token ids
+    for backends that can append them exactly.
+    """
+
+    messages: tuple[Message, ...]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    assistant_prefix: str = ""
+    assistant_prefix_ids: tuple[int, ...] | None = None
+    #: Free-form labels for logs and tracing (round, index); backends must not depend on them.
+    tags: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What came back: the answer section, the reasoning (if split out) and exact counts."""
+
+    text: str
+    finish_reason: FinishReason
+    completion_tokens: int
+    prompt_tokens: int
+    reasoning: str | None = None
+    reasoning_tokens: int | None = None
+    token_ids: tuple[int, ...] | None = None
+    #: Seconds the backend spent on this request, queueing included.
+    latency: float = 0.0
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """Recorded in every result so that a number can be traced to what produced it."""
+
+    kind: str
+    model: str
+    device: str | None = None
+    tokenizer: TokenizerKind = "exact"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A model the engine can drive. Implementations must be safe to share between concurrent runs."""
+
+    @property
+    def info(self) -> BackendInfo: ...
+
+    async def generate(self, request: GenerationRequest) -> Generation: ...
+
+    async def tokenize(self, text: str) -> list[int]: ...
+
+    async def detokenize(self, ids: Sequence[int]) -> str: ...
+
+    async def aclose(self) -> None: ...

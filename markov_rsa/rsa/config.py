@@ -1,0 +1,223 @@
+"""RSAConfig: the one vocabulary shared by the library, the CLI flags and the result files.
+
+Field names follow the issue tracker's contract (``population`` is N, ``k`` is K, ``rounds`` is T,
+``budget`` is β, ``tail`` is τ); the CLI flags are the same names with dashes, and results store
+``RSAConfig.to_dict()`` verbatim, so a result file can be replayed with ``RSAConfig.from_dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from markov_rsa.errors import ConfigError
+
+TailSource = Literal["reasoning", "answer", "hybrid"]
+FinalMode = Literal["majority", "aggregate", "population"]
+TaskName = Literal["math", "code", "generic"]
+
+TAIL_SOURCES: tuple[str, ...] = get_args(TailSource)
+FINAL_MODES: tuple[str, ...] = get_args(FinalMode)
+TASKS: tuple[str, ...] = get_args(TaskName)
+
+
+@dataclass(frozen=True)
+class RSAConfig:
+    """Parameters of one Markovian RSA run.
+
+    Round 0 draws ``population`` independent rollouts of at most ``budget`` new tokens. Each of the
+    ``rounds`` aggregation rounds then regenerates the population from prompts holding ``k`` tails,
+    each the last ``tail`` model tokens of a candidate of the previous round. ``rounds=0`` is
+    parallel sampling, ``tail == budget`` is full-chain RSA, ``k=1`` is bounded continuation.
+    """
+
+    population: int = 16
+    k: int = 4
+    rounds: int = 2
+    budget: int = 16384
+    tail: int = 4096
+    # Fixed-length chunked rollouts (Delethink); ``chunk_size=None`` means one generation per rollout.
+    chunk_size: int | None = None
+    carryover: int | None = None
+    max_chunks: int | None = None
+    keep_head: int = 0
+    tail_source: TailSource = "reasoning"
+    final: FinalMode = "majority"
+    final_n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    final_temperature: float | None = None
+    final_top_p: float | None = None
+    final_top_k: int | None = None
+    seed: int | None = None
+    task: TaskName = "math"
+    # Per-run limits: when either is reached the run ends with the best answer so far and says so.
+    token_budget: int | None = None
+    time_limit: float | None = None
+    # How many times the engine re-issues a request whose backend gave up, before recording it failed.
+    candidate_retries: int = 1
+    preset: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> RSAConfig:
+        """Build a config from a named preset; ``overrides`` set any field (``None`` values are ignored)."""
+        if name not in PRESETS:
+            raise ConfigError("preset", f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        values = {**PRESETS[name].values, **{k: v for k, v in overrides.items() if v is not None}}
+        return cls.from_dict({**values, "preset": name})
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RSAConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown setting; known settings are {', '.join(sorted(names))}")
+        return cls(**dict(data))
+
+    def replace(self, **changes: Any) -> RSAConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # -- derived values -----------------------------------------------------------------------
+    @property
+    def chunked(self) -> bool:
+        return self.chunk_size is not None
+
+    @property
+    def effective_max_chunks(self) -> int:
+        """Chunks a rollout may use: the explicit limit, else as many as fit in the budget."""
+        if self.chunk_size is None:
+            return 1
+        if self.max_chunks is not None:
+            return self.max_chunks
+        return max(1, math.ceil(self.budget / self.chunk_size))
+
+    @property
+    def generations(self) -> int:
+        """Rollouts in a complete run: N per stage, T+1 stages, plus the final aggregations."""
+        extra = self.final_n if self.final == "aggregate" else 0
+        return self.population * (self.rounds + 1) + extra
+
+
+def _positive_int(cfg: RSAConfig, name: str, *, allow_none: bool = False, minimum: int = 1) -> None:
+    value = getattr(cfg, name)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(name, f"must be at least {minimum}, got {value}")
+
+
+def _validate(cfg: RSAConfig) -> None:
+    for name in ("population", "k", "budget", "tail", "final_n"):
+        _positive_int(cfg, name)
+    _positive_int(cfg, "rounds", minimum=0)
+    _positive_int(cfg, "keep_head", minimum=0)
+    _positive_int(cfg, "candidate_retries", minimum=0)
+    for name in ("chunk_size", "max_chunks", "top_k", "final_top_k", "token_budget"):
+        _positive_int(cfg, name, allow_none=True)
+    _positive_int(cfg, "carryover", allow_none=True, minimum=0)
+    if cfg.seed is not None and (isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0):
+        raise ConfigError("seed", f"must be a non-negative integer, got {cfg.seed!r}")
+    if cfg.k > cfg.population:
+        raise ConfigError("k", f"aggregation set size ({cfg.k}) must not exceed population ({cfg.population})")
+    if cfg.tail > cfg.budget:
+        raise ConfigError("tail", f"tail ({cfg.tail}) must not exceed the per-rollout budget ({cfg.budget})")
+    for name in ("temperature", "final_temperature"):
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, (int, float)) or value < 0 or math.isnan(value)):
+            raise ConfigError(name, f"must be a number >= 0, got {value!r}")
+    for name in ("top_p", "final_top_p"):
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, (int, float)) or not 0 < value <= 1):
+            raise ConfigError(name, f"must be in (0, 1], got {value!r}")
+    if cfg.time_limit is not None and (not isinstance(cfg.time_limit, (int, float)) or cfg.time_limit <= 0):
+        raise ConfigError("time_limit", f"must be a positive number of seconds, got {cfg.time_limit!r}")
+    for name, allowed in (("tail_source", TAIL_SOURCES), ("final", FINAL_MODES), ("task", TASKS)):
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(name, f"must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    if cfg.chunk_size is None:
+        for name in ("carryover", "max_chunks"):
+            if getattr(cfg, name) is not None:
+                raise ConfigError(name, "only applies to chunked rollouts; set chunk_size as well")
+        return
+    carry = cfg.carryover if cfg.carryover is not None else 0
+    if carry + cfg.keep_head >= cfg.chunk_size:
+        raise ConfigError(
+            "carryover",
+            f"carryover ({carry}) + keep_head ({cfg.keep_head}) must be smaller than chunk_size ({cfg.chunk_size})",
+        )
+    if cfg.chunk_size > cfg.budget:
+        raise ConfigError("chunk_size", f"chunk_size ({cfg.chunk_size}) must not exceed budget ({cfg.budget})")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    summary: str
+    values: Mapping[str, Any]
+
+
+def _presets(*items: Preset) -> dict[str, Preset]:
+    return {p.name: p for p in items}
+
+
+PRESETS: Mapping[str, Preset] = _presets(
+    Preset(
+        "zaya-16k",
+        "ZAYA1-8B report's recommended deployment: N16 K4 T2, β=16K, τ=4K",
+        {"population": 16, "k": 4, "rounds": 2, "budget": 16384, "tail": 4096},
+    ),
+    Preset(
+        "zaya-40k",
+        "ZAYA1-8B report's headline setting: N16 K4 T2, β=40K, τ=4K",
+        {"population": 16, "k": 4, "rounds": 2, "budget": 40960, "tail": 4096},
+    ),
+    Preset(
+        "light",
+        "cheaper Markovian RSA: N8 K4 T2, β=8K, τ=4K",
+        {"population": 8, "k": 4, "rounds": 2, "budget": 8192, "tail": 4096},
+    ),
+    Preset(
+        "apex-high",
+        "long recursion: N16 K4 T8, β=16K, τ=4K",
+        {"population": 16, "k": 4, "rounds": 8, "budget": 16384, "tail": 4096},
+    ),
+    Preset(
+        "rsa-paper",
+        "original full-chain RSA (arXiv:2509.26626): N16 K4 T9, τ=β=8K",
+        {"population": 16, "k": 4, "rounds": 9, "budget": 8192, "tail": 8192},
+    ),
+    Preset(
+        "delethink",
+        "one Delethink-style chunked rollout: C=8K chunks, m=4K carried, at most 5 chunks",
+        {
+            "population": 1, "k": 1, "rounds": 0, "budget": 40960, "tail": 4096,
+            "chunk_size": 8192, "carryover": 4096, "max_chunks": 5,
+        },
+    ),
+    Preset(
+        "parallel",
+        "parallel sampling with majority vote: N16, T0, β=16K",
+        {"population": 16, "k": 4, "rounds": 0, "budget": 16384, "tail": 4096, "final": "majority"},
+    ),
+    Preset(
+        "demo",
+        "a minute on 2 CPU cores with a 135M model: N4 K2 T1, β=96, τ=48",
+        {
+            "population": 4, "k": 2, "rounds": 1, "budget": 96, "tail": 48,
+            "temperature": 0.7, "top_p": 0.95, "seed": 0,
+        },
+    ),
+)

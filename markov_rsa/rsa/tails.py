@@ -1,0 +1,84 @@
+"""Splitting a generation into reasoning and answer, and cutting tails on model tokens.
+
+Servers report reasoning three ways: a separate ``reasoning_content``/``reasoning`` field (vLLM and
+SGLang with a reasoning parser), ``<think>…</think>`` inline in the text, or only ``…</think>`` when
+the chat template already opened the think block in the prompt. A model without a think block has
+one trace that is both its reasoning and its answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from markov_rsa.backends.base import Backend, Generation
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+#: Used only when a backend has no tokenizer at all; results then say tails were approximate.
+APPROX_CHARS_PER_TOKEN = 4
+
+
+@dataclass(frozen=True)
+class Split:
+    reasoning: str
+    answer: str
+    #: The model closed its reasoning and produced an answer section (or, without a think block, stopped).
+    finished: bool
+
+
+def split_reasoning(gen: Generation) -> Split:
+    stopped = gen.finish_reason == "stop"
+    if gen.reasoning is not None:
+        answer = gen.text.strip()
+        return Split(gen.reasoning, gen.text, finished=stopped or bool(answer))
+    text = gen.text
+    close = text.rfind(THINK_CLOSE)
+    if close >= 0:
+        head = text[:close]
+        opened = head.find(THINK_OPEN)
+        reasoning = head[opened + len(THINK_OPEN):] if opened >= 0 else head
+        return Split(reasoning.strip("\n"), text[close + len(THINK_CLOSE):].lstrip("\n"), finished=True)
+    opened = text.find(THINK_OPEN)
+    if opened >= 0:
+        # Truncated inside its reasoning: there is no answer section yet.
+        return Split(text[opened + len(THINK_OPEN):].lstrip("\n"), "", finished=False)
+    return Split(text, text, finished=stopped)
+
+
+def carried_text(split: Split, source: str) -> str:
+    """The part of a candidate that the next round sees, before it is cut to τ tokens."""
+    if source == "answer":
+        return split.answer or split.reasoning
+    if source == "hybrid":
+        return split.answer if split.finished and split.answer.strip() else split.reasoning
+    return split.reasoning or split.answer
+
+
+async def last_tokens(backend: Backend, text: str, n: int, *, exact: bool) -> tuple[str, int]:
+    """The last ``n`` model tokens of ``text`` and how many tokens that is.
+
+    With an exact tokenizer the cut is on token ids; text that already fits is returned unchanged so
+    that no round trip through the tokenizer can alter it.
+    """
+    if n <= 0 or not text:
+        return "", 0
+    if not exact:
+        approx = -(-len(text) // APPROX_CHARS_PER_TOKEN)
+        if approx <= n:
+            return text, approx
+        return text[-n * APPROX_CHARS_PER_TOKEN:], n
+    ids = await backend.tokenize(text)
+    if len(ids) <= n:
+        return text, len(ids)
+    tail = await backend.detokenize(ids[-n:])
+    return tail.lstrip("\ufffd"), n
+
+
+async def first_tokens(backend: Backend, text: str, n: int, *, exact: bool) -> tuple[str, list[int]]:
+    """The first ``n`` model tokens of ``text`` (the head a chunked rollout keeps)."""
+    if n <= 0 or not text:
+        return "", []
+    if not exact:
+        return text[: n * APPROX_CHARS_PER_TOKEN], []
+    ids = (await backend.tokenize(text))[:n]
+    return (await backend.detokenize(ids)).rstrip("\ufffd"), ids

@@ -1,0 +1,93 @@
+"""Tasks: what a problem's answers look like and how the final candidate is chosen.
+
+A task pairs a prompt set with answer extraction and a selection rule. Math votes over boxed
+answers; code cannot vote over programs as strings, so a code task may rank candidates by the
+public tests it was given (the evaluation harness supplies them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from markov_rsa.rsa.answers import extract_boxed, extract_code, majority, normalize_answer
+from markov_rsa.rsa.prompts import CODE_V1, GENERIC_V1, MATH_V1, PromptSet
+from markov_rsa.rsa.result import Candidate
+
+
+@runtime_checkable
+class Task(Protocol):
+    name: str
+    prompts: PromptSet
+
+    def extract_answer(self, text: str) -> str | None: ...
+
+    async def select(self, candidates: Sequence[Candidate]) -> tuple[int | None, int]:
+        """Position (in ``candidates``) of the chosen one and its support (votes or tests passed)."""
+        ...
+
+
+@dataclass(frozen=True)
+class MathTask:
+    prompts: PromptSet = MATH_V1
+    name: str = "math"
+
+    def extract_answer(self, text: str) -> str | None:
+        return extract_boxed(text)
+
+    async def select(self, candidates: Sequence[Candidate]) -> tuple[int | None, int]:
+        return majority([c.answer for c in candidates])
+
+
+@dataclass(frozen=True)
+class GenericTask:
+    """Free-form replies: the whole answer section is the answer; identical replies vote together."""
+
+    prompts: PromptSet = GENERIC_V1
+    name: str = "generic"
+
+    def extract_answer(self, text: str) -> str | None:
+        return text.strip() or None
+
+    async def select(self, candidates: Sequence[Candidate]) -> tuple[int | None, int]:
+        index, votes = majority([c.answer for c in candidates])
+        return index, votes
+
+
+#: Scores one program (the number of public tests it passes).
+ProgramScorer = Callable[[str], Awaitable[int]]
+
+
+@dataclass(frozen=True)
+class CodeTask:
+    """Programs as answers. With a scorer, ``majority`` picks the candidate passing most tests."""
+
+    prompts: PromptSet = CODE_V1
+    name: str = "code"
+    scorer: ProgramScorer | None = None
+
+    def extract_answer(self, text: str) -> str | None:
+        return extract_code(text)
+
+    async def select(self, candidates: Sequence[Candidate]) -> tuple[int | None, int]:
+        best: tuple[int | None, int] = (None, -1)
+        for i, candidate in enumerate(candidates):
+            if candidate.answer is None:
+                continue
+            score = await self.scorer(candidate.answer) if self.scorer else 0
+            if score > best[1]:  # strictly greater: ties go to the earliest candidate
+                best = (i, score)
+        return best if best[0] is not None else (None, 0)
+
+
+def task_for(name: str) -> Task:
+    if name == "code":
+        return CodeTask()
+    if name == "generic":
+        return GenericTask()
+    return MathTask()
+
+
+def same_answer(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and normalize_answer(a) == normalize_answer(b)
