@@ -1,0 +1,153 @@
+"""The ``rsa`` command: a thin layer that parses flags, builds library objects and renders events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from markov_rsa.cli import options as o
+from markov_rsa.errors import ConfigError, MarkovRSAError
+
+app = typer.Typer(
+    name="rsa",
+    help="Markovian Recursive Self-Aggregation: test-time compute over a local model or an OpenAI-compatible endpoint.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+T = TypeVar("T")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from markov_rsa import __version__
+
+        typer.echo(f"markov-rsa {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Markovian RSA: solve problems, run benchmarks, render reports, serve an OpenAI-compatible endpoint."""
+
+
+def run_cli(body: Callable[[], T]) -> T:
+    """Run a command body; library errors become one line on stderr with the error's exit code."""
+    try:
+        return body()
+    except MarkovRSAError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        raise typer.Exit(130) from None
+
+
+def read_problem(problem: str) -> str:
+    text = sys.stdin.read() if problem == "-" else problem
+    if not text.strip():
+        raise ConfigError("problem", "the problem text is empty")
+    return text
+
+
+@app.command()
+def solve(
+    problem: Annotated[str, typer.Argument(help="The problem to solve; '-' reads it from stdin.")],
+    preset: o.Preset = None,
+    population: o.Population = None,
+    k: o.K = None,
+    rounds: o.Rounds = None,
+    budget: o.Budget = None,
+    tail: o.Tail = None,
+    chunk_size: o.ChunkSize = None,
+    carryover: o.Carryover = None,
+    max_chunks: o.MaxChunks = None,
+    keep_head: o.KeepHead = None,
+    tail_source: o.TailSource = None,
+    final: o.Final = None,
+    final_n: o.FinalN = None,
+    temperature: o.Temperature = None,
+    top_p: o.TopP = None,
+    top_k: o.TopK = None,
+    final_temperature: o.FinalTemperature = None,
+    seed: o.Seed = None,
+    task: Annotated[str | None, typer.Option(help="Prompt set and answer format: math, code or generic.")] = None,
+    token_budget: o.TokenBudget = None,
+    time_limit: o.TimeLimit = None,
+    model: o.Model = None,
+    base_url: o.BaseUrl = None,
+    api_key_env: o.ApiKeyEnv = None,
+    tokenizer: o.Tokenizer = None,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "auto",
+    max_concurrency: o.MaxConcurrency = 64,
+    timeout: o.Timeout = 600.0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the full result as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the answer.")] = False,
+) -> None:
+    """Solve one problem with Markovian RSA and print the answer (details go to stderr)."""
+    fields: dict[str, Any] = {
+        "population": population, "k": k, "rounds": rounds, "budget": budget, "tail": tail,
+        "chunk_size": chunk_size, "carryover": carryover, "max_chunks": max_chunks, "keep_head": keep_head,
+        "tail_source": tail_source, "final": final, "final_n": final_n, "temperature": temperature,
+        "top_p": top_p, "top_k": top_k, "final_temperature": final_temperature, "seed": seed, "task": task,
+        "token_budget": token_budget, "time_limit": time_limit,
+    }
+    backend_opts = o.BackendOptions(
+        model=model, base_url=tuple(base_url or ()), api_key_env=api_key_env, tokenizer=tokenizer,
+        device=device, dtype=dtype, max_concurrency=max_concurrency, timeout=timeout,
+    )
+
+    def body() -> None:
+        text = read_problem(problem)
+        config = o.build_config(preset, backend_opts.embedded, **fields)
+        backend = o.build_backend(backend_opts, announce=not quiet)
+        result = asyncio.run(_solve(backend, config, text, quiet))
+        err = Console(stderr=True)
+        if not quiet:
+            from markov_rsa.cli.render import round_table, summary_line
+
+            err.print(round_table(result))
+            err.print(summary_line(result), highlight=False)
+        if json_output:
+            sys.stdout.write(result.to_json(indent=2) + "\n")
+        elif result.config.final == "population":
+            for c in result.population:
+                sys.stdout.write(f"{c.answer if c.answer is not None else c.text.strip()}\n")
+        else:
+            answer = result.answer if result.answer is not None else result.text.strip()
+            sys.stdout.write(f"{answer}\n")
+
+    run_cli(body)
+
+
+async def _solve(backend: Any, config: Any, problem: str, quiet: bool) -> Any:
+    from markov_rsa.cli.render import follow
+    from markov_rsa.rsa.engine import MarkovianRSA
+
+    try:
+        engine = MarkovianRSA(backend, config)
+        console = Console(stderr=True, quiet=quiet)
+        async with contextlib.aclosing(engine.stream(problem)) as events:
+            return await follow(events, console, quiet=quiet)
+    finally:
+        await backend.aclose()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

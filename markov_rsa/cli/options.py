@@ -1,0 +1,115 @@
+"""Options shared by ``rsa solve``, ``rsa eval`` and ``rsa serve``: the backend and the RSA settings.
+
+The flags are RSAConfig's field names with dashes, so the library, the CLI and result files use
+one vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import typer
+
+from markov_rsa.backends.base import Backend
+from markov_rsa.errors import ConfigError
+from markov_rsa.rsa.config import PRESETS, RSAConfig
+
+PRESET_HELP = "Named settings: " + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()) + "."
+
+Preset = Annotated[str | None, typer.Option(help=PRESET_HELP + " Default: demo for the embedded model, else zaya-16k.")]
+Population = Annotated[int | None, typer.Option(help="N: candidates per round.")]
+K = Annotated[int | None, typer.Option("--k", help="K: tails in each aggregation prompt (the report's C).")]
+Rounds = Annotated[int | None, typer.Option(help="T: aggregation rounds after round 0 (0 = parallel sampling).")]
+Budget = Annotated[int | None, typer.Option(help="β: max new tokens of one rollout.")]
+Tail = Annotated[int | None, typer.Option(help="τ: model tokens carried per candidate (τ = β is full-chain RSA).")]
+ChunkSize = Annotated[int | None, typer.Option(help="C: produce each rollout in chunks of this many tokens.")]
+Carryover = Annotated[int | None, typer.Option(help="m: tokens of the previous chunk carried into the next.")]
+MaxChunks = Annotated[int | None, typer.Option(help="I: most chunks per rollout (default: as many as fit β).")]
+KeepHead = Annotated[int | None, typer.Option(help="First generated tokens kept in every chunk prompt.")]
+TailSource = Annotated[str | None, typer.Option(help="What is carried: reasoning (default), answer or hybrid.")]
+Final = Annotated[str | None, typer.Option(help="Final selection: majority, aggregate or population.")]
+FinalN = Annotated[int | None, typer.Option(help="Final aggregations when --final aggregate.")]
+Temperature = Annotated[float | None, typer.Option(help="Sampling temperature of every rollout.")]
+TopP = Annotated[float | None, typer.Option(help="Nucleus sampling threshold.")]
+TopK = Annotated[int | None, typer.Option(help="Top-k sampling cut-off.")]
+FinalTemperature = Annotated[float | None, typer.Option(help="Temperature of the final aggregations.")]
+Seed = Annotated[int | None, typer.Option(help="Seed of subset sampling and of every request (random if unset).")]
+TokenBudget = Annotated[int | None, typer.Option(help="Stop the run after this many generated tokens.")]
+TimeLimit = Annotated[float | None, typer.Option(help="Stop the run after this many seconds.")]
+
+Model = Annotated[
+    str | None,
+    typer.Option(help="Local model (Hub id such as Zyphra/ZAYA1-8B, directory or .gguf), or with --base-url "
+                 "the served model name."),
+]
+BaseUrl = Annotated[
+    list[str] | None,
+    typer.Option(help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (repeat for replicas)."),
+]
+ApiKeyEnv = Annotated[str | None, typer.Option(help="Environment variable holding the endpoint's API key.")]
+Tokenizer = Annotated[
+    str | None, typer.Option(help="Hugging Face tokenizer for remote tails when the server has no tokenize endpoint.")
+]
+Device = Annotated[str, typer.Option(help="Local backend device: auto, cpu, cuda (ROCm GPUs are cuda too).")]
+Dtype = Annotated[str, typer.Option(help="Local backend dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32.")]
+MaxConcurrency = Annotated[int, typer.Option(help="Remote backend: most requests in flight at once.")]
+Timeout = Annotated[float, typer.Option(help="Remote backend: seconds before one request times out.")]
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    model: str | None = None
+    base_url: tuple[str, ...] = ()
+    api_key_env: str | None = None
+    tokenizer: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_concurrency: int = 64
+    timeout: float = 600.0
+
+    @property
+    def embedded(self) -> bool:
+        return not self.base_url and not self.model
+
+
+def build_backend(opts: BackendOptions, *, announce: bool = True) -> Backend:
+    """The backend the options describe; announces the embedded model on stderr."""
+    if opts.base_url:
+        from markov_rsa.backends.openai import OpenAIBackend
+
+        if not opts.model:
+            raise ConfigError("model", "name the served model with --model when using --base-url")
+        api_key = None
+        if opts.api_key_env:
+            api_key = os.environ.get(opts.api_key_env)
+            if not api_key:
+                raise ConfigError("api_key_env", f"environment variable {opts.api_key_env} is not set or empty")
+        return OpenAIBackend(
+            list(opts.base_url),
+            model=opts.model,
+            api_key=api_key,
+            tokenizer=opts.tokenizer,
+            max_concurrency=opts.max_concurrency,
+            timeout=opts.timeout,
+        )
+    if opts.model:
+        from markov_rsa.backends.transformers import TransformersBackend
+
+        return TransformersBackend(opts.model, device=opts.device, dtype=opts.dtype)
+    from markov_rsa.backends.demo import DEMO_MODEL_NAME, demo_backend
+
+    if announce:
+        print(
+            f"model: {DEMO_MODEL_NAME}. For real results use --model Zyphra/ZAYA1-8B (local GPU) "
+            "or --base-url URL --model NAME (vLLM, SGLang, llama.cpp, Zyphra Cloud).",
+            file=sys.stderr,
+        )
+    return demo_backend(device="cpu" if opts.device == "auto" else opts.device)
+
+
+def build_config(preset: str | None, embedded: bool, **fields: Any) -> RSAConfig:
+    name = preset or ("demo" if embedded else "zaya-16k")
+    return RSAConfig.from_preset(name, **fields)
