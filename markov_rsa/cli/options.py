@@ -75,6 +75,14 @@ class BackendOptions:
         return not self.base_url and not self.model
 
 
+def _quiet_transformers() -> None:
+    """Keep the terminal for our own output: no weight-loading bars or info logs from transformers."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
 def build_backend(opts: BackendOptions, *, announce: bool = True) -> Backend:
     """The backend the options describe; announces the embedded model on stderr."""
     if opts.base_url:
@@ -98,8 +106,11 @@ def build_backend(opts: BackendOptions, *, announce: bool = True) -> Backend:
     if opts.model:
         from markov_rsa.backends.transformers import TransformersBackend
 
+        _quiet_transformers()
         return TransformersBackend(opts.model, device=opts.device, dtype=opts.dtype)
     from markov_rsa.backends.demo import DEMO_MODEL_NAME, demo_backend
+
+    _quiet_transformers()
 
     if announce:
         print(

@@ -101,6 +101,7 @@ class MarkovianRSA:
         run = _Run(problem, cfg, cfg.seed if cfg.seed is not None else secrets.randbelow(2**31))
         yield RunStarted(problem=problem, seed=run.seed, stages=cfg.rounds + 1)
         stop: StopReason = "complete"
+        await self.backend.ready()
         exact = self.backend.info.tokenizer == "exact"
         try:
             previous: list[Candidate] = []

