@@ -145,6 +145,59 @@ async def _solve(backend: Any, config: Any, problem: str, quiet: bool) -> Any:
         await backend.aclose()
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind; the default keeps the server on this machine.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    preset: o.Preset = None,
+    task: Annotated[str, typer.Option(help="Prompt set for RSA requests: generic, math or code.")] = "generic",
+    api_key_env: Annotated[
+        str | None, typer.Option(help="Environment variable holding the bearer token every request must send.")
+    ] = None,
+    model_name: Annotated[str | None, typer.Option(help="Model id reported by /v1/models.")] = None,
+    model: o.Model = None,
+    base_url: o.BaseUrl = None,
+    upstream_api_key_env: Annotated[
+        str | None, typer.Option(help="Environment variable holding the upstream endpoint's API key.")
+    ] = None,
+    tokenizer: o.Tokenizer = None,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "auto",
+    max_concurrency: o.MaxConcurrency = 64,
+    timeout: o.Timeout = 600.0,
+) -> None:
+    """Serve an OpenAI-compatible endpoint; requests with extended_compute or rsa_* fields run Markovian RSA."""
+    import os
+
+    backend_opts = o.BackendOptions(
+        model=model, base_url=tuple(base_url or ()), api_key_env=upstream_api_key_env, tokenizer=tokenizer,
+        device=device, dtype=dtype, max_concurrency=max_concurrency, timeout=timeout,
+    )
+
+    def body() -> None:
+        import uvicorn
+
+        from markov_rsa.cli.serve import ServerSettings, create_app
+
+        key = None
+        if api_key_env:
+            key = os.environ.get(api_key_env)
+            if not key:
+                raise ConfigError("api_key_env", f"environment variable {api_key_env} is not set or empty")
+        config = o.build_config(preset, backend_opts.embedded, task=task)
+        backend = o.build_backend(backend_opts)
+        settings = ServerSettings(backend=backend, config=config, task=task, api_key=key,
+                                  model_name=model_name or backend.info.model)
+        Console(stderr=True).print(
+            f"serving {settings.model_name} on http://{host}:{port}/v1 (preset {config.preset}"
+            f"{', bearer token required' if key else ''})", highlight=False, soft_wrap=True)
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+
+    run_cli(body)
+
+
 def main() -> None:
     app()
 
