@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -143,6 +144,90 @@ async def _solve(backend: Any, config: Any, problem: str, quiet: bool) -> Any:
             return await follow(events, console, quiet=quiet)
     finally:
         await backend.aclose()
+
+
+@app.command("eval")
+def eval_command(
+    task: Annotated[str, typer.Argument(help="aime24, aime25, aime26, hmmt24, hmmt25, hmmt26 or lcb.")],
+    out: Annotated[Path, typer.Option(help="Run directory; re-running on it resumes where it stopped.")],
+    preset: o.Preset = None,
+    population: o.Population = None,
+    k: o.K = None,
+    rounds: o.Rounds = None,
+    budget: o.Budget = None,
+    tail: o.Tail = None,
+    chunk_size: o.ChunkSize = None,
+    carryover: o.Carryover = None,
+    max_chunks: o.MaxChunks = None,
+    tail_source: o.TailSource = None,
+    final: o.Final = None,
+    final_n: o.FinalN = None,
+    temperature: o.Temperature = None,
+    top_p: o.TopP = None,
+    top_k: o.TopK = None,
+    seed: o.Seed = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N problems.")] = None,
+    repeats: Annotated[int, typer.Option(help="Independent runs per problem.")] = 1,
+    concurrency: Annotated[int, typer.Option(help="Problems solved at once.")] = 4,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Local JSONL copies of the sets instead of the Hub ($MARKOV_RSA_DATA_DIR).")
+    ] = None,
+    release: Annotated[str, typer.Option(help="LiveCodeBench release (v1..v6).")] = "v6",
+    since: Annotated[str | None, typer.Option(help="LiveCodeBench: contest_date on or after YYYY-MM-DD.")] = None,
+    until: Annotated[str | None, typer.Option(help="LiveCodeBench: contest_date on or before YYYY-MM-DD.")] = None,
+    model: o.Model = None,
+    base_url: o.BaseUrl = None,
+    api_key_env: o.ApiKeyEnv = None,
+    tokenizer: o.Tokenizer = None,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "auto",
+    max_concurrency: o.MaxConcurrency = 64,
+    timeout: o.Timeout = 600.0,
+) -> None:
+    """Run a benchmark with Markovian RSA; every candidate is logged to OUT as it finishes."""
+    fields: dict[str, Any] = {
+        "population": population, "k": k, "rounds": rounds, "budget": budget, "tail": tail,
+        "chunk_size": chunk_size, "carryover": carryover, "max_chunks": max_chunks, "tail_source": tail_source,
+        "final": final, "final_n": final_n, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+        "seed": seed, "task": "code" if task == "lcb" else "math",
+    }
+    backend_opts = o.BackendOptions(
+        model=model, base_url=tuple(base_url or ()), api_key_env=api_key_env, tokenizer=tokenizer,
+        device=device, dtype=dtype, max_concurrency=max_concurrency, timeout=timeout,
+    )
+
+    def body() -> None:
+        from markov_rsa.cli.evaluate import run_evaluation
+        from markov_rsa.evals.datasets import load_task
+
+        if repeats < 1 or concurrency < 1 or (limit is not None and limit < 1):
+            raise ConfigError("limit", "--limit, --repeats and --concurrency must be at least 1")
+        config = o.build_config(preset, backend_opts.embedded, **fields)
+        problems = load_task(task, data_dir, release=release, since=since, until=until)
+        if not problems:
+            raise ConfigError("task", f"no {task} problems matched (check --since/--until and --data-dir)")
+        backend = o.build_backend(backend_opts)
+        code = run_evaluation(task, config, backend, problems, out, limit=limit, repeats=repeats,
+                              concurrency=concurrency)
+        raise typer.Exit(code)
+
+    run_cli(body)
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories written by rsa eval.")],
+    out: Annotated[Path, typer.Option(help="Directory for report.md, report.html and the plots.")] = Path("report"),
+) -> None:
+    """Render Markdown and HTML reports (tables and plots) from one or more eval runs."""
+
+    def body() -> None:
+        from markov_rsa.evals.report import write_report
+
+        md, page = write_report(list(runs), out)
+        Console(stderr=True).print(f"wrote {md} and {page}", highlight=False)
+
+    run_cli(body)
 
 
 @app.command()

@@ -8,8 +8,9 @@ attempt is continued and checked rather than compared).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from markov_rsa.backends.base import Message
 
@@ -142,5 +143,29 @@ MATH_V1 = PromptSet("math", "1", _MATH_INITIAL, _MATH_AGGREGATE, _MATH_SINGLE, _
 CODE_V1 = PromptSet("code", "1", _CODE_INITIAL, _CODE_AGGREGATE, _CODE_SINGLE, _CANDIDATE)
 GENERIC_V1 = PromptSet("generic", "1", _GENERIC_INITIAL, _GENERIC_AGGREGATE, _GENERIC_SINGLE, _CANDIDATE)
 
+_AIME_NOTE = "The answer is an integer from 0 to 999 inclusive. "
+AIME_V1 = PromptSet(
+    "aime", "1",
+    _MATH_INITIAL.replace("Reason step by step,", _AIME_NOTE + "Reason step by step,"),
+    _MATH_AGGREGATE.replace("Reason step by step,", _AIME_NOTE + "Reason step by step,"),
+    _MATH_SINGLE.replace("Reason step by step,", _AIME_NOTE + "Reason step by step,"),
+    _CANDIDATE,
+)
+
 #: The current prompt set of each task.
-PROMPTS: dict[str, PromptSet] = {"math": MATH_V1, "code": CODE_V1, "generic": GENERIC_V1}
+PROMPTS: Mapping[str, PromptSet] = MappingProxyType(
+    {"math": MATH_V1, "aime": AIME_V1, "code": CODE_V1, "generic": GENERIC_V1}
+)
+
+CODE_PROBLEM_VERSION = "1"
+
+
+def code_problem_text(question: str, starter_code: str = "") -> str:
+    """A LiveCodeBench question as the problem the code prompts wrap (version ``CODE_PROBLEM_VERSION``)."""
+    if starter_code.strip():
+        how = ("Complete the following starter code; keep its class and method signature, and do not read "
+               "input or print output yourself:\n```python\n" + starter_code.strip("\n") + "\n```")
+    else:
+        how = ("Your program reads the input from standard input and writes the answer to standard output. "
+               "Do not just test it on the sample inputs.")
+    return f"{question.strip()}\n\n{how}"

@@ -1,0 +1,54 @@
+"""The terminal side of ``rsa eval``: a progress bar over the runner, then a summary table."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from markov_rsa.backends.base import Backend
+from markov_rsa.evals.datasets import Problem
+from markov_rsa.evals.report import load_run, results_table
+from markov_rsa.evals.runner import EvalSpec, Evaluation
+from markov_rsa.evals.runner import Progress as RunProgress
+from markov_rsa.rsa.config import RSAConfig
+
+
+def run_evaluation(task: str, config: RSAConfig, backend: Backend, problems: list[Problem], out: Path, *,
+                   limit: int | None, repeats: int, concurrency: int) -> int:
+    """Run (or resume) an evaluation; returns the exit code (1 if some problems failed)."""
+    console = Console(stderr=True)
+    spec = EvalSpec(task=task, config=config, limit=limit, repeats=repeats, concurrency=concurrency)
+    evaluation = Evaluation(spec, backend, problems, out)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        handle = bar.add_task(task, total=None, status="")
+
+        def update(p: RunProgress) -> None:
+            finished = p.done + p.skipped
+            status = f"{p.correct}/{p.done} correct, {p.candidates} candidates"
+            if p.skipped:
+                status += f", {p.skipped} resumed"
+            if p.failed:
+                status += f", {len(p.failed)} failed"
+            bar.update(handle, total=p.total, completed=finished, status=status)
+
+        async def go() -> RunProgress:
+            try:
+                return await evaluation.run(update)
+            finally:
+                await backend.aclose()
+                for grader in (evaluation.math, evaluation.code):
+                    if grader is not None and hasattr(grader, "close"):
+                        grader.close()
+
+        progress = asyncio.run(go())
+    for failure in progress.failed:
+        console.print(f"[red]failed[/] {failure}", highlight=False, soft_wrap=True)
+    rows = results_table([load_run(out)])
+    for header, value in zip(rows[0], rows[1], strict=True):
+        console.print(f"{header:>16}: {value}", highlight=False)
+    return 1 if progress.failed else 0

@@ -1,0 +1,239 @@
+"""Evaluation runs: problems solved concurrently, every candidate logged as it finishes, resumable.
+
+A run directory holds ``run.json`` (what ran), ``candidates.jsonl`` (one line per graded
+candidate, appended and flushed as it finishes) and ``problems.jsonl`` (one line per problem and
+repeat once all of it is done). Re-running on the same directory skips every (problem, repeat)
+already in ``problems.jsonl``; candidates of an attempt that was killed before its problem line
+was written carry an attempt id no problem line names, so readers ignore them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from markov_rsa.backends.base import Backend
+from markov_rsa.errors import ConfigError
+from markov_rsa.evals.datasets import MATH_SETS, Problem
+from markov_rsa.evals.grading.code import CodeGrader
+from markov_rsa.evals.grading.math import MathGrader
+from markov_rsa.evals.metrics import RoundScore, round_score
+from markov_rsa.rsa.config import RSAConfig
+from markov_rsa.rsa.engine import MarkovianRSA, derive_seed
+from markov_rsa.rsa.events import CandidateFinished, RunFinished
+from markov_rsa.rsa.prompts import AIME_V1, CODE_PROBLEM_VERSION, CODE_V1, MATH_V1, code_problem_text
+from markov_rsa.rsa.result import Candidate, RSAResult
+from markov_rsa.rsa.tasks import CodeTask, MathTask, Task
+
+RUN_FILE, CANDIDATES_FILE, PROBLEMS_FILE = "run.json", "candidates.jsonl", "problems.jsonl"
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    task: str
+    config: RSAConfig
+    limit: int | None = None
+    repeats: int = 1
+    concurrency: int = 4
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for a directory to be resumed: the same task and the same method."""
+        return {"task": self.task, "config": self.config.to_dict(), "repeats": self.repeats}
+
+
+@dataclass
+class Progress:
+    """Counters a front end can render; updated in place by the runner."""
+
+    total: int = 0
+    done: int = 0
+    skipped: int = 0
+    correct: int = 0
+    candidates: int = 0
+    failed: list[str] = field(default_factory=list)
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Records of a JSONL log; a line cut short by a killed writer is skipped, not fatal."""
+    if not path.exists():
+        return
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                with contextlib.suppress(json.JSONDecodeError):
+                    yield json.loads(line)
+
+
+class _Log:
+    """An append-only JSONL file, flushed per record so a killed process loses no finished line."""
+
+    def __init__(self, path: Path) -> None:
+        if path.exists() and path.stat().st_size:
+            with path.open("rb") as handle:
+                handle.seek(-1, 2)
+                torn = handle.read(1) != b"\n"
+        else:
+            torn = False
+        self._handle: TextIO = path.open("a", encoding="utf-8")
+        if torn:  # a line cut short by a kill: end it so the next record starts clean
+            self._handle.write("\n")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def engine_task(problem: Problem, code: CodeGrader | None) -> Task:
+    if problem.kind == "code":
+        cache: dict[str, int] = {}
+
+        async def scorer(program: str) -> int:
+            if program not in cache and code is not None:
+                cache[program] = await code.public_score(program, problem)
+            return cache.get(program, 0)
+
+        return CodeTask(prompts=CODE_V1, scorer=scorer)
+    integer = MATH_SETS[problem.task].integer_answers if problem.task in MATH_SETS else False
+    return MathTask(prompts=AIME_V1 if integer else MATH_V1)
+
+
+def problem_text(problem: Problem) -> str:
+    return code_problem_text(problem.problem, problem.starter_code) if problem.kind == "code" else problem.problem
+
+
+class Evaluation:
+    """One evaluation run over a list of problems, writing into ``out``."""
+
+    def __init__(self, spec: EvalSpec, backend: Backend, problems: list[Problem], out: Path,
+                 *, math_grader: MathGrader | None = None, code_grader: CodeGrader | None = None) -> None:
+        self.spec = spec
+        self.backend = backend
+        self.problems = problems[: spec.limit] if spec.limit else problems
+        self.out = out
+        kinds = {p.kind for p in self.problems}
+        self.math = math_grader or (MathGrader() if "math" in kinds else None)
+        self.code = code_grader or (CodeGrader() if "code" in kinds else None)
+        self.progress = Progress()
+
+    def _prepare(self) -> set[tuple[str, int]]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        run_file = self.out / RUN_FILE
+        identity = self.spec.identity()
+        if run_file.exists():
+            previous = json.loads(run_file.read_text(encoding="utf-8"))
+            if {k: previous.get(k) for k in identity} != identity:
+                raise ConfigError("out", f"{self.out} holds a run of another task or configuration; use a new --out")
+        else:
+            info = self.backend.info
+            run_file.write_text(json.dumps({
+                **identity, "backend": {"kind": info.kind, "model": info.model, "device": info.device},
+                "prompts": {"math": MATH_V1.version, "aime": AIME_V1.version, "code": CODE_V1.version,
+                            "code_problem": CODE_PROBLEM_VERSION},
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }, indent=2), encoding="utf-8")
+        return {(r["problem_id"], r["repeat"]) for r in read_jsonl(self.out / PROBLEMS_FILE)}
+
+    async def run(self, on_update: Callable[[Progress], None] | None = None) -> Progress:
+        done = self._prepare()
+        jobs = [(p, r) for p in self.problems for r in range(self.spec.repeats) if (p.id, r) not in done]
+        self.progress = Progress(total=len(self.problems) * self.spec.repeats,
+                                 skipped=len(self.problems) * self.spec.repeats - len(jobs))
+        candidates, problems = _Log(self.out / CANDIDATES_FILE), _Log(self.out / PROBLEMS_FILE)
+        semaphore = asyncio.Semaphore(self.spec.concurrency)
+        notify = on_update or (lambda progress: None)
+
+        async def one(problem: Problem, repeat: int) -> None:
+            async with semaphore:
+                try:
+                    record = await self._solve(problem, repeat, candidates)
+                except Exception as exc:  # one problem's failure is reported, the others carry on
+                    self.progress.failed.append(f"{problem.id}#{repeat}: {exc}")
+                    notify(self.progress)
+                    return
+                problems.write(record)
+                self.progress.done += 1
+                self.progress.correct += int(record["correct"])
+                notify(self.progress)
+
+        try:
+            notify(self.progress)
+            await asyncio.gather(*(one(p, r) for p, r in jobs))
+        finally:
+            candidates.close()
+            problems.close()
+        return self.progress
+
+    def _seed(self, problem: Problem, repeat: int) -> int | None:
+        base = self.spec.config.seed
+        return None if base is None else derive_seed(base, zlib.crc32(problem.id.encode()), repeat)
+
+    async def _grade(self, candidate: Candidate, problem: Problem) -> bool:
+        if problem.kind == "code":
+            assert self.code is not None
+            return await self.code.grade(candidate.answer, problem)
+        assert self.math is not None and problem.answer is not None
+        integer = MATH_SETS[problem.task].integer_answers if problem.task in MATH_SETS else False
+        return await self.math.grade(candidate.answer, problem.answer, integer)
+
+    async def _solve(self, problem: Problem, repeat: int, log: _Log) -> dict[str, Any]:
+        attempt = uuid.uuid4().hex
+        config = self.spec.config.replace(seed=self._seed(problem, repeat))
+        task = engine_task(problem, self.code)
+        engine = MarkovianRSA(self.backend, config, task=task)
+        graded: dict[tuple[int, int], bool] = {}
+        pending: list[asyncio.Task[None]] = []
+        result: RSAResult | None = None
+        started = time.perf_counter()
+
+        async def grade_and_log(candidate: Candidate) -> None:
+            correct = await self._grade(candidate, problem) if candidate.ok else False
+            graded[(candidate.round, candidate.index)] = correct
+            self.progress.candidates += 1
+            log.write({
+                "attempt": attempt, "problem_id": problem.id, "repeat": repeat, "round": candidate.round,
+                "index": candidate.index, "parents": candidate.parents, "answer": candidate.answer,
+                "correct": correct, "finish_reason": candidate.finish_reason, "tail": candidate.tail,
+                "tail_tokens": candidate.tail_tokens, "completion_tokens": candidate.usage.completion_tokens,
+                "prompt_tokens": candidate.usage.prompt_tokens, "seconds": round(candidate.seconds, 3),
+                "error": candidate.error,
+            })
+
+        async with contextlib.aclosing(engine.stream(problem_text(problem))) as events:
+            async for event in events:
+                if isinstance(event, CandidateFinished):
+                    pending.append(asyncio.create_task(grade_and_log(event.candidate)))
+                elif isinstance(event, RunFinished):
+                    result = event.result
+        await asyncio.gather(*pending)
+        assert result is not None
+        scores = [await self._round_score(r.index, r.kind, r.candidates, graded, task) for r in result.rounds]
+        population = next(s for s in reversed(scores) if s.kind != "final")
+        chosen = graded.get(result.selected, False) if result.selected else False
+        return {
+            "attempt": attempt, "problem_id": problem.id, "repeat": repeat, "task": problem.task,
+            "answer": result.answer if problem.kind == "math" else None, "gold": problem.answer,
+            "correct": chosen, "rounds": [s.to_dict() for s in scores], "population": population.to_dict(),
+            "completion_tokens": result.usage.completion_tokens, "prompt_tokens": result.usage.prompt_tokens,
+            "seconds": round(time.perf_counter() - started, 3), "seed": result.seed, "stop_reason": result.stop_reason,
+        }
+
+    @staticmethod
+    async def _round_score(index: int, kind: str, cands: list[Candidate], graded: dict[tuple[int, int], bool],
+                           task: Task) -> RoundScore:
+        """Scores of one stage; "majority" uses the task's own selection rule (for code: the program
+        passing most public tests, since programs cannot be voted on as strings)."""
+        correct = [graded.get((c.round, c.index), False) for c in cands]
+        winner, _ = await task.select(cands)
+        tokens = sum(c.usage.completion_tokens for c in cands)
+        return round_score(index, kind, correct, winner, tokens)
