@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_PROBLEM ?= What is the sum of the first ten positive odd numbers? Give the final answer in \boxed{}.
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean sandbox-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,21 @@ $(VENV)/.installed-dev: $(VENV)/.installed-core
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[local,serve,evals,dev]'
 	touch $@
 
+# The code sandbox isolates programs with bubblewrap; the tests require it (Debian package).
+sandbox-deps:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y -q bubblewrap >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null; }; \
+	  else echo "install bubblewrap (e.g. sudo apt-get install bubblewrap) for the code sandbox" >&2; exit 1; fi; }
+
 demo: $(VENV)/.installed-core
 	$(BIN)/rsa solve '$(DEMO_PROBLEM)'
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check markov_rsa tests bench
 
-test: lint
+test: lint sandbox-deps
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-dev

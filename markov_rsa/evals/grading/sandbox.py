@@ -1,9 +1,9 @@
 """Running untrusted programs: one process per test, limited, isolated, and disposable.
 
 Layers, each covering what the previous may miss:
-1. bubblewrap, where installed and working: new user, PID, network, IPC and UTS namespaces, a
-   read-only root, a private /tmp and only the throw-away working directory writable. The program
-   cannot reach the network, see or signal the harness, or leave files behind.
+1. bubblewrap, where installed and working: new user, PID, network, IPC and UTS namespaces and a
+   read-only root in which only the throw-away working directory is writable. The program cannot
+   reach the network, see or signal the harness, or write anywhere else.
 2. rlimits on CPU time, address space, file size (stdout goes to a file, so this caps output),
    open files and processes, plus a wall-clock deadline that kills the whole process group.
 3. In the interpreter, before the program runs: process creation, signals and sockets are
@@ -147,7 +147,7 @@ class Sandbox:
         if self.isolation == "bwrap":
             workdir.chmod(0o777)
             command = [
-                "bwrap", "--ro-bind", "/", "/", "--tmpfs", "/tmp", "--bind", str(workdir), str(workdir),
+                "bwrap", "--ro-bind", "/", "/", "--bind", str(workdir), str(workdir),
                 "--dev", "/dev", "--proc", "/proc", "--unshare-all", "--die-with-parent", "--new-session",
                 "--uid", "65534", "--gid", "65534", "--chdir", str(workdir), *command,
             ]

@@ -1,0 +1,338 @@
+"""The evaluation harness: datasets, graders, the code sandbox, metrics, resumable runs, reports."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from markov_rsa import ConfigError, RSAConfig
+from markov_rsa.backends.openai import OpenAIBackend
+from markov_rsa.evals.datasets import MATH_SETS, decode_private_tests, lcb_problem, load_lcb, load_task
+from markov_rsa.evals.grading.code import CodeGrader, functional_matches, stdin_matches
+from markov_rsa.evals.grading.math import MathGrader
+from markov_rsa.evals.grading.sandbox import Sandbox, SandboxLimits, bwrap_works
+from markov_rsa.evals.metrics import pass_at_k, summarise
+from markov_rsa.evals.runner import EvalSpec, Evaluation, read_jsonl
+from markov_rsa.rsa.answers import extract_boxed
+from tests.conftest import DATASETS
+from tests.servers import FaultServer, serve_app
+from tests.test_openai_backend import FAST
+
+MATH_COUNTS = {"aime24": 30, "aime25": 30, "aime26": 30, "hmmt24": 30, "hmmt25": 30, "hmmt26": 33}
+
+
+@pytest.fixture(scope="module")
+def math_grader():
+    with MathGrader(workers=2) as grader:
+        yield grader
+
+
+# -- datasets ------------------------------------------------------------------------------------
+def test_shared_math_sets_load_from_a_data_dir():
+    for task, count in MATH_COUNTS.items():
+        problems = load_task(task, DATASETS)
+        assert len(problems) == count and all(p.answer and p.problem for p in problems)
+    assert load_task("aime25", DATASETS / "math")[0].id == "aime_2025_I_1"
+
+
+def test_missing_data_gives_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"no aime_2025\.jsonl in"):
+        load_task("aime25", tmp_path)
+    with pytest.raises(ConfigError, match="unknown task 'aime99'"):
+        load_task("aime99", tmp_path)
+
+
+def test_real_livecodebench_row_decodes_its_private_tests():
+    [problem] = load_lcb(DATASETS / "livecodebench")
+    assert problem.id == "1873_A" and problem.func_name is None
+    assert len(problem.public_tests) == 1 and len(problem.private_tests) == 4
+    assert all(t.testtype == "stdin" for t in problem.private_tests)
+    assert load_lcb(DATASETS / "livecodebench", since="2023-09-01") == []
+    assert len(load_lcb(DATASETS / "livecodebench", since="2023-08-01", until="2023-08-31")) == 1
+
+
+def test_private_test_decoder_refuses_every_global():
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > /tmp/markov-rsa-pwned",))
+
+    blob = base64.b64encode(zlib.compress(pickle.dumps(Evil()))).decode()
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load global"):
+        decode_private_tests(blob)
+    assert not Path("/tmp/markov-rsa-pwned").exists()
+
+
+def leetcode_row(tests: list[dict]) -> dict:
+    """A call-based row in code_generation_lite's layout (none ships offline)."""
+    private = base64.b64encode(zlib.compress(pickle.dumps(json.dumps(tests[1:])))).decode()
+    return {
+        "question_title": "Two Sum", "question_content": "Return indices of the two numbers adding to target.",
+        "platform": "leetcode", "question_id": "1", "contest_id": "weekly-1", "contest_date": "2023-09-01T00:00:00",
+        "starter_code": "class Solution:\n    def twoSum(self, nums: List[int], target: int) -> List[int]:\n",
+        "difficulty": "easy", "public_test_cases": json.dumps(tests[:1]), "private_test_cases": private,
+        "metadata": json.dumps({"func_name": "twoSum"}),
+    }
+
+
+TWO_SUM_TESTS = [
+    {"input": "[2, 7, 11, 15]\n9", "output": "[0, 1]", "testtype": "functional"},
+    {"input": "[3, 2, 4]\n6", "output": "[1, 2]", "testtype": "functional"},
+    {"input": "[3, 3]\n6", "output": "[0, 1]", "testtype": "functional"},
+]
+TWO_SUM = """class Solution:
+    def twoSum(self, nums: List[int], target: int) -> List[int]:
+        seen = {}
+        for i, x in enumerate(nums):
+            if target - x in seen:
+                return (seen[target - x], i)
+            seen[x] = i
+"""
+SHORT_SORT = """t = int(input())
+for _ in range(t):
+    s = input().strip()
+    print("YES" if sum(a != b for a, b in zip(s, "abc")) in (0, 2) else "NO")
+"""
+
+
+# -- math grading ----------------------------------------------------------------------------------
+async def test_every_gold_answer_grades_correct_against_its_boxed_self(math_grader):
+    items = []
+    for task in MATH_COUNTS:
+        integer = MATH_SETS[task].integer_answers
+        items += [(extract_boxed(f"so \\boxed{{{p.answer}}}"), p.answer, integer) for p in load_task(task, DATASETS)]
+    results = await math_grader.grade_many(items)
+    wrong = [gold for (_, gold, _), ok in zip(items, results, strict=True) if not ok]
+    assert wrong == [] and len(items) == 183
+
+
+async def test_wrong_empty_and_truncated_answers_grade_wrong(math_grader):
+    aime = load_task("aime25", DATASETS)
+    hmmt = load_task("hmmt25", DATASETS)
+    items = [(str(int(p.answer) + 1), p.answer, True) for p in aime[:5]]
+    items += [("\\frac{1}{7919}", p.answer, False) for p in hmmt[:5]]
+    items += [(None, "70", True), ("", "70", True), (extract_boxed("the answer is 7"), "70", True)]
+    items += [(extract_boxed("\\boxed{\\frac{-1+\\sqrt{17}}{2}}"), hmmt[9].answer, False)]  # half of a list
+    assert not any(await math_grader.grade_many(items))
+    assert await math_grader.grade("070", "70", True) and await math_grader.grade("0.5", "\\frac{1}{2}", False)
+
+
+# -- code grading and the sandbox --------------------------------------------------------------
+def test_output_comparison_follows_livecodebench():
+    assert stdin_matches("YES\nNO  \n", "YES\nNO\n") and stdin_matches("1.50 2\n", "1.5 2.0")
+    assert not stdin_matches("YES\n", "YES\nNO\n") and not stdin_matches("1.5", "1.6")
+    assert functional_matches("[0, 1]", "[0,1]") and not functional_matches("[1, 0]", "[0, 1]")
+
+
+@pytest.fixture(scope="module")
+def grader():
+    return CodeGrader(Sandbox(SandboxLimits(cpu_seconds=2, wall_seconds=4, memory_mb=512)))
+
+
+async def test_sandbox_grades_correct_wrong_and_slow_programs(grader):
+    [problem] = load_lcb(DATASETS / "livecodebench")
+    assert await grader.grade(SHORT_SORT, problem)
+    assert not await grader.grade(SHORT_SORT.replace("(0, 2)", "(0,)"), problem)
+    assert not await grader.grade("while True:\n    pass\n", problem)
+    assert not await grader.grade(None, problem)
+    assert await grader.public_score(SHORT_SORT, problem) == 1
+
+
+async def test_call_based_problem_uses_solution_method_and_tuples_as_lists(grader):
+    problem = lcb_problem(leetcode_row(TWO_SUM_TESTS))
+    assert problem.func_name == "twoSum" and len(problem.private_tests) == 2
+    assert await grader.grade(TWO_SUM, problem)
+    assert not await grader.grade(TWO_SUM.replace("return (seen[target - x], i)", "return [i, i]"), problem)
+
+
+HOSTILE = {
+    "fork bomb": "import os\nwhile True:\n    os.fork()\n",
+    "memory bomb": "x = [bytearray(10**8) for _ in range(1000)]\n",
+    "infinite loop": "while True:\n    pass\n",
+    "writes outside": "open('/tmp/markov-rsa-escape', 'w').write('x')\n",
+    "writes home": "open('/root/markov-rsa-escape', 'w').write('x')\n",
+    "network": "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)\n",
+    "reads the key": "import os\nprint(os.environ['OPENAI_API_KEY'])\n",
+    "kills its parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n",
+    "sleeps": "import time\ntime.sleep(60)\n",
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+async def test_hostile_programs_fail_their_test_and_the_harness_survives(grader, name, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-harness-secret")
+    source = "import os\n" + HOSTILE[name] + "print('YES')\n"
+    [problem] = load_lcb(DATASETS / "livecodebench")
+    problem = problem.__class__(**{**problem.__dict__, "public_tests": (), "private_tests": problem.private_tests[:1]})
+    started = time.perf_counter()
+    assert not await grader.grade(source, problem)
+    assert time.perf_counter() - started < 15
+    assert not Path("/tmp/markov-rsa-escape").exists()
+    assert not Path("/root/markov-rsa-escape").exists()
+    assert await grader.grade(SHORT_SORT, problem), "the harness still works afterwards"
+
+
+def test_bubblewrap_isolation_is_used_where_it_works():
+    assert bwrap_works(), "make test installs bubblewrap; the sandbox must use it here"
+    assert Sandbox().isolation == "bwrap"
+    outcome = Sandbox().run("import os\nprint(os.getuid(), os.getpid())", "")
+    assert outcome.status == "ok" and outcome.stdout.split()[0] == "65534"
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+def test_pass_at_k_unbiased_estimator():
+    assert pass_at_k(16, 0, 1) == 0.0 and pass_at_k(16, 16, 1) == 1.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25) and pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    assert pass_at_k(10, 3, 10) == 1.0 and pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)
+
+
+def test_summary_reduces_rounds_and_repeats():
+    def record(pid, rounds, correct):
+        scores = [{"round": i, "kind": "initial" if i == 0 else "aggregate", "n": 4, "correct": c,
+                   "majority": c > 2, "completion_tokens": 100, "avg": c / 4, "pass_at_n": float(c > 0)}
+                  for i, c in enumerate(rounds)]
+        return {"problem_id": pid, "rounds": scores, "population": scores[-1], "correct": correct,
+                "completion_tokens": 100 * len(rounds), "seconds": 2.0}
+
+    summary = summarise([record("a", [1, 3], True), record("b", [0, 2], False), record("a", [2, 4], True)])
+    assert summary.problems == 2 and summary.final == pytest.approx(2 / 3)
+    assert summary.avg_at_n == pytest.approx((3 + 2 + 4) / 12)
+    assert [r[2] for r in summary.rounds] == [pytest.approx(3 / 12), pytest.approx(9 / 12)]
+    assert [r[5] for r in summary.rounds] == [100, 200]
+
+
+# -- runs --------------------------------------------------------------------------------------------
+def boxed_gold(body):
+    """A fault-server reply that answers AIME 2025 I #1 (gold 70) correctly for even seeds."""
+    return "Thinking hard. \\boxed{70}" if body.get("seed", 1) % 2 == 0 else "Unsure. \\boxed{12}"
+
+
+async def test_math_run_logs_every_candidate_and_scores_rounds(tmp_path, math_grader):
+    server = FaultServer(reply=boxed_gold)
+    with serve_app(server.app()) as url:
+        backend = OpenAIBackend(f"{url}/v1", model="m", retry=FAST)
+        spec = EvalSpec("aime25", RSAConfig(population=4, k=2, rounds=2, budget=100, tail=20, seed=3), limit=3)
+        progress = await Evaluation(spec, backend, load_task("aime25", DATASETS), tmp_path,
+                                    math_grader=math_grader).run()
+    assert progress.done == 3 and not progress.failed
+    candidates = list(read_jsonl(tmp_path / "candidates.jsonl"))
+    problems = list(read_jsonl(tmp_path / "problems.jsonl"))
+    assert len(candidates) == 3 * 4 * 3 and len(problems) == 3
+    first = next(p for p in problems if p["problem_id"] == "aime_2025_I_1")
+    logged = [c for c in candidates if c["problem_id"] == "aime_2025_I_1"]
+    assert sum(c["correct"] for c in logged) == sum(r["correct"] for r in first["rounds"])
+    assert all({"tail", "answer", "correct", "completion_tokens", "round", "seconds"} <= set(c) for c in logged)
+    assert [r["round"] for r in first["rounds"]] == [0, 1, 2]
+
+
+async def test_code_run_selects_by_public_tests(tmp_path, grader):
+    def reply(body):
+        good = f"```python\n{SHORT_SORT}```"
+        bad = "```python\nprint('NO')\n```"
+        return good if body.get("seed", 1) % 3 == 0 else bad
+
+    server = FaultServer(reply=reply)
+    problems = load_lcb(DATASETS / "livecodebench")
+    with serve_app(server.app()) as url:
+        backend = OpenAIBackend(f"{url}/v1", model="m", retry=FAST)
+        spec = EvalSpec("lcb", RSAConfig(population=6, k=2, rounds=1, budget=1000, tail=50, seed=1, task="code"))
+        await Evaluation(spec, backend, problems, tmp_path, code_grader=grader).run()
+    [record] = list(read_jsonl(tmp_path / "problems.jsonl"))
+    last = record["population"]
+    assert 0 < last["correct"] < 6, "the script mixes good and bad programs"
+    assert last["majority"] and record["correct"], "the program passing the public test is chosen"
+
+
+RUN_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from markov_rsa import RSAConfig
+from markov_rsa.backends.openai import OpenAIBackend
+from markov_rsa.evals.datasets import load_task
+from markov_rsa.evals.runner import EvalSpec, Evaluation
+url, out, data = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+backend = OpenAIBackend(url, model="m")
+spec = EvalSpec("aime25", RSAConfig(population=3, k=2, rounds=1, budget=100, tail=20, seed=5), limit=8,
+                concurrency=2)
+asyncio.run(Evaluation(spec, backend, load_task("aime25", data), out).run())
+"""
+
+
+def test_resume_after_sigkill_loses_nothing_and_repeats_nothing(tmp_path):
+    server = FaultServer(delay=0.15, reply=boxed_gold)
+    with serve_app(server.app()) as url:
+        args = [sys.executable, "-c", RUN_SCRIPT, f"{url}/v1", str(tmp_path), str(DATASETS)]
+        first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        problems_file = tmp_path / "problems.jsonl"
+        deadline = time.monotonic() + 60
+        while len(list(read_jsonl(problems_file))) < 3:
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        done_before = {r["problem_id"] for r in read_jsonl(problems_file)}
+        assert 3 <= len(done_before) < 8
+        prompts_before = len(server.bodies)
+        subprocess.run(args, check=True, timeout=120, capture_output=True)
+        second_prompts = [json.dumps(b) for b in server.bodies[prompts_before:]]
+    records = list(read_jsonl(problems_file))
+    assert sorted(r["problem_id"] for r in records) == sorted({r["problem_id"] for r in records}), "no duplicates"
+    assert len(records) == 8
+    problems = {p.id: p.problem for p in load_task("aime25", DATASETS)}
+    for pid in done_before:
+        assert not any(json.dumps(problems[pid])[1:-20] in body for body in second_prompts), f"{pid} redone"
+    attempts = {r["attempt"] for r in records}
+    kept = [c for c in read_jsonl(tmp_path / "candidates.jsonl") if c["attempt"] in attempts]
+    assert len(kept) == 8 * 3 * 2, "every finished problem keeps all its candidates"
+
+
+def test_resume_refuses_a_directory_of_another_configuration(tmp_path):
+    backend = OpenAIBackend("http://127.0.0.1:9/v1", model="m")
+    (tmp_path / "run.json").write_text(json.dumps({"task": "aime25", "config": {}, "repeats": 1}))
+    evaluation = Evaluation(EvalSpec("aime25", RSAConfig()), backend, load_task("aime25", DATASETS), tmp_path)
+    with pytest.raises(ConfigError, match="holds a run of another task or configuration"):
+        evaluation._prepare()
+
+
+def test_rsa_eval_and_report_end_to_end_on_the_embedded_model(tmp_path, demo_dir):
+    run = subprocess.run(
+        [sys.executable, "-m", "markov_rsa.cli.app", "eval", "aime25", "--out", str(tmp_path / "run"),
+         "--data-dir", str(DATASETS), "--limit", "2", "--population", "2", "--k", "2", "--rounds", "1",
+         "--budget", "16", "--tail", "8", "--seed", "0"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "avg@N" in run.stderr
+    assert len(list(read_jsonl(tmp_path / "run" / "problems.jsonl"))) == 2
+    again = subprocess.run(
+        [sys.executable, "-m", "markov_rsa.cli.app", "eval", "aime25", "--out", str(tmp_path / "run"),
+         "--data-dir", str(DATASETS), "--limit", "2", "--population", "2", "--k", "2", "--rounds", "1",
+         "--budget", "16", "--tail", "8", "--seed", "0"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert again.returncode == 0 and "2 resumed" in again.stderr
+    report = subprocess.run(
+        [sys.executable, "-m", "markov_rsa.cli.app", "report", str(tmp_path / "run"), "--out", str(tmp_path / "rep")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert report.returncode == 0, report.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| aime25 | demo (N2 K2 T1 β16 τ8)" in md and "MathArena" in md
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2
+    assert (tmp_path / "rep" / "accuracy_per_round.png").stat().st_size > 1000
+
+
+def test_report_on_a_non_run_directory_is_a_one_line_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "markov_rsa.cli.app", "report", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "is not a run directory" in out.stderr and "Traceback" not in out.stderr
