@@ -35,6 +35,14 @@ from markov_rsa.errors import (
 )
 
 RETRY_STATUSES = frozenset({408, 409, 425, 429})
+#: Connections per httpx pool; more concurrency is spread over several pools.
+SHARD_CONNECTIONS = 32
+
+
+@dataclass
+class _Shard:
+    client: httpx.AsyncClient
+    in_flight: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,7 +143,7 @@ class OpenAIBackend:
             if not url.startswith(("http://", "https://")):
                 raise BackendRequestError(f"base_url: {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
         self._endpoints = [_Endpoint(u.rstrip("/")) for u in urls]
-        self._clients: dict[int, httpx.AsyncClient] = {}
+        self._clients: dict[int, list[_Shard]] = {}
         self._semaphores: dict[int, asyncio.Semaphore] = {}
         self._rng = random.Random()
         self._route: _TokenizerRoute | None = None
@@ -144,21 +152,30 @@ class OpenAIBackend:
         self._probe_lock: asyncio.Lock | None = None
 
     # -- plumbing -----------------------------------------------------------------------------
-    def _client(self) -> httpx.AsyncClient:
-        """One client per event loop: a backend may outlive a loop (blocking ``solve`` calls)."""
+    def _new_client(self, connections: int) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+            transport=self.transport,
+        )
+
+    def _client(self) -> _Shard:
+        """The least busy connection pool of this event loop (a backend may outlive a loop).
+
+        httpcore's pool does work proportional to its queued requests times its connections on
+        every event, which turns quadratic with a thousand requests in flight; several small pools
+        keep each one short.
+        """
         loop = id(asyncio.get_running_loop())
-        client = self._clients.get(loop)
-        if client is None or client.is_closed:
-            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
-            client = httpx.AsyncClient(
-                headers=headers,
-                timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
-                limits=limits,
-                transport=self.transport,
-            )
-            self._clients[loop] = client
-        return client
+        shards = self._clients.get(loop)
+        if shards is None or any(shard.client.is_closed for shard in shards):
+            count = max(1, -(-self.max_concurrency // SHARD_CONNECTIONS))
+            size = min(self.max_concurrency, SHARD_CONNECTIONS)
+            shards = [_Shard(self._new_client(size)) for _ in range(count)]
+            self._clients[loop] = shards
+        return min(shards, key=lambda shard: shard.in_flight)
 
     def _semaphore(self) -> asyncio.Semaphore:
         loop = id(asyncio.get_running_loop())
@@ -196,10 +213,11 @@ class OpenAIBackend:
         return f"OpenAIBackend(base_url={[e.url for e in self._endpoints]!r}, model={self.model!r}, api_key={key})"
 
     async def aclose(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            with contextlib.suppress(RuntimeError):  # its loop is gone; nothing left to release
-                await client.aclose()
+        loops, self._clients = list(self._clients.values()), {}
+        for shards in loops:
+            for shard in shards:
+                with contextlib.suppress(RuntimeError):  # its loop is gone; nothing left to release
+                    await shard.client.aclose()
 
     # -- generation ---------------------------------------------------------------------------
     def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
@@ -320,12 +338,16 @@ class OpenAIBackend:
 
     async def _post_once(self, endpoint: _Endpoint, path: str, body: dict[str, Any], *, root: bool) -> Any:
         url = (endpoint.root if root else endpoint.url) + path
+        shard = self._client()
+        shard.in_flight += 1
         try:
-            response = await self._client().post(url, json=body)
+            response = await shard.client.post(url, json=body)
         except httpx.TimeoutException:
             raise _Transient(f"timed out after {self.timeout:.0f}s") from None
         except httpx.TransportError as exc:
             raise _Transient(f"connection failed ({type(exc).__name__})") from None
+        finally:
+            shard.in_flight -= 1
         status = response.status_code
         if status in RETRY_STATUSES or status >= 500:
             raise _Transient(f"HTTP {status}: {_server_message(response)}", _retry_after(response))

@@ -236,8 +236,11 @@ class MarkovianRSA:
             candidate.usage = out.usage
             candidate.chunks = out.chunks
             candidate.seconds = out.seconds
+            carried = carried_text(split, cfg.tail_source)
+            whole = carried == out.generation.text and out.generation.reasoning is None
             candidate.tail, candidate.tail_tokens = await last_tokens(
-                self.backend, carried_text(split, cfg.tail_source), cfg.tail, exact=exact
+                self.backend, carried, cfg.tail, exact=exact,
+                known_tokens=out.generation.completion_tokens if whole and exact else None,
             )
             return candidate
         candidate.error = str(error)

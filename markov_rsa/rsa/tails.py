@@ -54,14 +54,20 @@ def carried_text(split: Split, source: str) -> str:
     return split.reasoning or split.answer
 
 
-async def last_tokens(backend: Backend, text: str, n: int, *, exact: bool) -> tuple[str, int]:
+async def last_tokens(
+    backend: Backend, text: str, n: int, *, exact: bool, known_tokens: int | None = None
+) -> tuple[str, int]:
     """The last ``n`` model tokens of ``text`` and how many tokens that is.
 
     With an exact tokenizer the cut is on token ids; text that already fits is returned unchanged so
-    that no round trip through the tokenizer can alter it.
+    that no round trip through the tokenizer can alter it. ``known_tokens`` is the exact length of
+    ``text`` when the caller has it (a whole completion's count from the server): text known to fit
+    needs no tokenizer call at all.
     """
     if n <= 0 or not text:
         return "", 0
+    if known_tokens is not None and known_tokens <= n:
+        return text, known_tokens
     if not exact:
         approx = -(-len(text) // APPROX_CHARS_PER_TOKEN)
         if approx <= n:
