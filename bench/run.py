@@ -19,7 +19,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ from markov_rsa import MarkovianRSA, RSAConfig  # noqa: E402
 from markov_rsa.backends.openai import OpenAIBackend  # noqa: E402
 from markov_rsa.rsa.engine import derive_seed  # noqa: E402
 from tests.doubles import ScriptedBackend  # noqa: E402
+from tests.memory import run_peak  # noqa: E402
 from tests.servers import free_port, wait_until_up  # noqa: E402
 
 FIGURES = ROOT / "bench" / "figures"
@@ -186,25 +186,8 @@ def bench_local(model_dir: Path) -> dict[str, Any]:
     return {"rows": rows, "points": points, **extra}
 
 
-PEAK = textwrap.dedent(
-    """
-    import asyncio, json, resource, sys
-    from markov_rsa import MarkovianRSA, RSAConfig
-    from markov_rsa.backends.transformers import TransformersBackend
-    backend = TransformersBackend(sys.argv[1], device="cpu")
-    cfg = RSAConfig.from_dict(json.loads(sys.argv[2]))
-    result = asyncio.run(MarkovianRSA(backend, cfg).solve("Explain why the sky is blue, in detail."))
-    context = max(c.usage.prompt_tokens // max(c.usage.requests, 1) + c.usage.completion_tokens // max(c.chunks, 1)
-                  for r in result.rounds for c in r.candidates)
-    print(json.dumps({"rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "context": context}))
-    """
-)
-
-
 def peak(model_dir: Path, cfg: RSAConfig) -> dict[str, int]:
-    out = subprocess.run([sys.executable, "-c", PEAK, str(model_dir), json.dumps(cfg.to_dict())], cwd=ROOT,
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_peak(model_dir, cfg.to_dict())
 
 
 def bench_memory(model_dir: Path) -> dict[str, Any]:
@@ -213,15 +196,15 @@ def bench_memory(model_dir: Path) -> dict[str, Any]:
     for rounds in (1, 2, 4, 8):
         markov = peak(model_dir, RSAConfig(**base, rounds=rounds, tail=8))
         full = peak(model_dir, RSAConfig(**base, rounds=rounds, tail=32))
-        rounds_rows.append([rounds, f"{markov['rss_kib'] / 1024:.0f} MiB", markov["context"],
-                            f"{full['rss_kib'] / 1024:.0f} MiB", full["context"]])
+        rounds_rows.append([rounds, f"{markov['peak_kib'] / 1024:.0f} MiB", markov["context"],
+                            f"{full['peak_kib'] / 1024:.0f} MiB", full["context"]])
     for chunks in (1, 2, 4, 8):
         one = {"population": 1, "k": 1, "rounds": 0, "tail": 8, "seed": 0, "temperature": 0.8, "top_p": 0.95}
         chunked = peak(model_dir, RSAConfig(**one, budget=24 * chunks, chunk_size=24, carryover=8,
                                             max_chunks=chunks))
         single = peak(model_dir, RSAConfig(**one, budget=24 * chunks))
-        chunk_rows.append([chunks, 24 * chunks, f"{chunked['rss_kib'] / 1024:.0f} MiB", chunked["context"],
-                           f"{single['rss_kib'] / 1024:.0f} MiB", single["context"]])
+        chunk_rows.append([chunks, 24 * chunks, f"{chunked['peak_kib'] / 1024:.0f} MiB", chunked["context"],
+                           f"{single['peak_kib'] / 1024:.0f} MiB", single["context"]])
     return {"rounds_rows": rounds_rows, "chunk_rows": chunk_rows}
 
 
@@ -301,54 +284,55 @@ def bench_grading() -> dict[str, Any]:
 
 
 # -- figures and the report ---------------------------------------------------------------------------
-def figures(results: dict[str, Any]) -> list[str]:
+def _plot(name: str, series: list[tuple[str, list[float], list[float], str]], xlabel: str, ylabel: str, *,
+          title: str = "", log2x: bool = False) -> str:
+    """One PNG in bench/figures; ``series`` are (label, xs, ys, style) with style "line", "dash" or "dots"."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+    for label, xs, ys, style in series:
+        if style == "dots":
+            ax.scatter(xs, ys, label=label)
+        else:
+            ax.plot(xs, ys, marker="o" if style == "line" else None, linestyle="--" if style == "dash" else "-",
+                    label=label)
+    if log2x:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if any(label for label, *_ in series):
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
     FIGURES.mkdir(parents=True, exist_ok=True)
+    fig.savefig(FIGURES / name)
+    plt.close(fig)
+    return name
+
+
+def figures(results: dict[str, Any]) -> list[str]:
     names = []
     if "local" in results:
-        fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
         pts = results["local"]["points"]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="batched")
-        ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="s", label="one at a time")
-        ax.set_xlabel("rollouts in the round (N)")
-        ax.set_ylabel("generated tokens/s")
-        ax.set_title("SmolLM2-135M on the CPU")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(FIGURES / "local_throughput.png")
-        plt.close(fig)
-        names.append("local_throughput.png")
+        xs = [p[0] for p in pts]
+        names.append(_plot("local_throughput.png", [("batched", xs, [p[1] for p in pts], "line"),
+                                                    ("one at a time", xs, [p[2] for p in pts], "line")],
+                           "rollouts in the round (N)", "generated tokens/s", title="SmolLM2-135M on the CPU"))
     if "scale" in results:
-        fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
         pts = results["scale"]["points"]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent problems (N=16 each)")
-        ax.set_ylabel("requests/s sustained")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(FIGURES / "scale.png")
-        plt.close(fig)
-        names.append("scale.png")
+        names.append(_plot("scale.png", [("", [p[0] for p in pts], [p[1] for p in pts], "line")],
+                           "concurrent problems (N=16 each)", "requests/s sustained", log2x=True))
     if "tails" in results:
-        fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
         pts = results["tails"]["points"]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label="measured: max prompt − |q|")
-        xs = [0, max(p[0] for p in pts)]
-        ax.plot(xs, xs, linestyle="--", label="K·τ")
-        ax.set_xlabel("K·τ (tokens)")
-        ax.set_ylabel("aggregation prompt tokens beyond |q|")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(FIGURES / "tail_cost.png")
-        plt.close(fig)
-        names.append("tail_cost.png")
+        bound = [0, max(p[0] for p in pts)]
+        names.append(_plot("tail_cost.png", [("measured: max prompt − |q|", [p[0] for p in pts],
+                                              [p[1] for p in pts], "dots"), ("K·τ", bound, bound, "dash")],
+                           "K·τ (tokens)", "aggregation prompt tokens beyond |q|"))
     return names
 
 
@@ -371,11 +355,11 @@ def write_markdown(results: dict[str, Any], seconds: float) -> str:
             md_table(["server", "delay", "rounds", "wall", "critical path", "ratio", "CPU / request"], o["rows"]),
             f"Engine CPU per request without any HTTP (scripted backend, N=16 K=4 T=8): "
             f"**{o['engine_cpu_ms']:.3f} ms** (target < 1 ms).",
-            "Reading: the engine's own work is about a tenth of a millisecond per request. What the ratio shows at "
-            "short delays is the HTTP client: httpx spends about 1.3 ms of CPU per request on this machine, and "
-            "each candidate whose trace exceeds τ costs three requests (generate, tokenize, detokenize for an exact "
-            "token tail). At a 1 s delay (real rollouts of thousands of tokens take far longer) that is within the "
-            "target; at 0.2 s it is not. With a straggler, the other candidates' tail work overlaps it.",
+            f"Reading: the engine's own work is {o['engine_cpu_ms']:.2f} ms per request; the rest of the CPU "
+            "column is the HTTP client (httpx), and each candidate whose trace exceeds τ costs three requests "
+            "(generate, then tokenize and detokenize for an exact token tail). That client work is what the "
+            "ratio shows at a 0.2 s delay; at 1 s (real rollouts of thousands of tokens take far longer) it is "
+            "within the target. With a straggler, the other candidates' tail work overlaps it.",
         ]
     if "scale" in results:
         parts += [
@@ -404,8 +388,10 @@ def write_markdown(results: dict[str, Any], seconds: float) -> str:
         mem = results["memory"]
         parts += [
             "### Peak memory against rounds and chunks",
-            "Each configuration in a fresh process (peak RSS); *context* is the longest sequence any single "
-            "forward pass held (prompt + generated tokens), the quantity KV memory scales with. Markovian RSA "
+            "Each configuration in a fresh process; peak RSS is the run's own high-water mark (reset after the "
+            "model is loaded, whose loading peak would hide everything else). *context* is the longest sequence "
+            "any single forward pass held (prompt + generated tokens), the quantity KV memory scales with. "
+            "Markovian RSA "
             "(τ=8) against full-chain RSA (τ=β=32), N=4 K=2 β=32:",
             md_table(["T", "Markovian peak RSS", "Markovian context", "full-chain peak RSS", "full-chain context"],
                      mem["rounds_rows"]),

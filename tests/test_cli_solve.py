@@ -7,12 +7,11 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 
 from markov_rsa.errors import MissingDependencyError
+from tests.memory import run_peak
 
 RSA = [sys.executable, "-m", "markov_rsa.cli.app"]
 
@@ -84,25 +83,9 @@ def test_missing_demo_package_says_how_to_install(monkeypatch):
         demo.demo_gguf()
 
 
-PEAK = textwrap.dedent(
-    """
-    import asyncio, resource, sys
-    from markov_rsa import MarkovianRSA, RSAConfig
-    from markov_rsa.backends.transformers import TransformersBackend
-    backend = TransformersBackend(sys.argv[1], device="cpu")
-    cfg = RSAConfig(population=4, k=2, rounds=int(sys.argv[2]), budget=32, tail=16, temperature=0.8, seed=0)
-    asyncio.run(MarkovianRSA(backend, cfg).solve("Describe the water cycle in detail."))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    """
-)
-
-
-def peak_rss_kib(model_dir: Path, rounds: int) -> int:
-    out = subprocess.run([sys.executable, "-c", PEAK, str(model_dir), str(rounds)], capture_output=True, text=True,
-                         timeout=300, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
-
-
 def test_peak_memory_does_not_grow_with_rounds(demo_dir):
-    one, four = peak_rss_kib(demo_dir, 1), peak_rss_kib(demo_dir, 4)
-    assert four <= one * 1.10, f"peak RSS grew from {one} KiB (T=1) to {four} KiB (T=4)"
+    base = {"population": 4, "k": 2, "budget": 32, "tail": 16, "temperature": 0.8, "seed": 0}
+    one = run_peak(demo_dir, {**base, "rounds": 1})
+    four = run_peak(demo_dir, {**base, "rounds": 4})
+    assert four["peak_kib"] <= one["peak_kib"] * 1.10, f"run peak grew from {one} (T=1) to {four} (T=4)"
+    assert four["context"] <= one["context"] + 16, "prompts stay bounded by |q| + K·tau"

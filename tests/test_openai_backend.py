@@ -187,7 +187,7 @@ async def test_load_is_spread_over_replicas_least_busy_first():
         backend = OpenAIBackend([f"{a}/v1", f"{b}/v1"], model="m", retry=FAST)
         await MarkovianRSA(backend, SMALL.replace(population=8, k=2)).solve("p")
     served = [sum(s.answered.values()) for s in servers]
-    assert served == [12, 12]
+    assert sum(served) == 24 and min(served) >= 8, f"load not spread: {served}"
 
 
 async def test_max_concurrency_bounds_requests_in_flight(fault):

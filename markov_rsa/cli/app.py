@@ -98,17 +98,8 @@ def solve(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the answer.")] = False,
 ) -> None:
     """Solve one problem with Markovian RSA and print the answer (details go to stderr)."""
-    fields: dict[str, Any] = {
-        "population": population, "k": k, "rounds": rounds, "budget": budget, "tail": tail,
-        "chunk_size": chunk_size, "carryover": carryover, "max_chunks": max_chunks, "keep_head": keep_head,
-        "tail_source": tail_source, "final": final, "final_n": final_n, "temperature": temperature,
-        "top_p": top_p, "top_k": top_k, "final_temperature": final_temperature, "seed": seed, "task": task,
-        "token_budget": token_budget, "time_limit": time_limit,
-    }
-    backend_opts = o.BackendOptions(
-        model=model, base_url=tuple(base_url or ()), api_key_env=api_key_env, tokenizer=tokenizer,
-        device=device, dtype=dtype, max_concurrency=max_concurrency, timeout=timeout,
-    )
+    fields = o.rsa_fields(locals())
+    backend_opts = o.backend_options(locals())
 
     def body() -> None:
         text = read_problem(problem)
@@ -185,16 +176,8 @@ def eval_command(
     timeout: o.Timeout = 600.0,
 ) -> None:
     """Run a benchmark with Markovian RSA; every candidate is logged to OUT as it finishes."""
-    fields: dict[str, Any] = {
-        "population": population, "k": k, "rounds": rounds, "budget": budget, "tail": tail,
-        "chunk_size": chunk_size, "carryover": carryover, "max_chunks": max_chunks, "tail_source": tail_source,
-        "final": final, "final_n": final_n, "temperature": temperature, "top_p": top_p, "top_k": top_k,
-        "seed": seed, "task": "code" if task == "lcb" else "math",
-    }
-    backend_opts = o.BackendOptions(
-        model=model, base_url=tuple(base_url or ()), api_key_env=api_key_env, tokenizer=tokenizer,
-        device=device, dtype=dtype, max_concurrency=max_concurrency, timeout=timeout,
-    )
+    fields = {**o.rsa_fields(locals()), "task": "code" if task == "lcb" else "math"}
+    backend_opts = o.backend_options(locals())
 
     def body() -> None:
         from markov_rsa.cli.evaluate import run_evaluation
@@ -256,10 +239,7 @@ def serve(
     """Serve an OpenAI-compatible endpoint; requests with extended_compute or rsa_* fields run Markovian RSA."""
     import os
 
-    backend_opts = o.BackendOptions(
-        model=model, base_url=tuple(base_url or ()), api_key_env=upstream_api_key_env, tokenizer=tokenizer,
-        device=device, dtype=dtype, max_concurrency=max_concurrency, timeout=timeout,
-    )
+    backend_opts = o.backend_options(locals(), key_env_param="upstream_api_key_env")
 
     def body() -> None:
         import uvicorn

@@ -6,8 +6,10 @@ one vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -119,6 +121,25 @@ def build_backend(opts: BackendOptions, *, announce: bool = True) -> Backend:
             file=sys.stderr,
         )
     return demo_backend(device="cpu" if opts.device == "auto" else opts.device)
+
+
+#: Flags that map one to one onto RSAConfig fields.
+RSA_FIELDS = tuple(f.name for f in dataclasses.fields(RSAConfig) if f.name != "preset")
+
+
+def rsa_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The RSAConfig settings among a command's parameters (unset ones are None and ignored later)."""
+    return {name: values[name] for name in RSA_FIELDS if name in values}
+
+
+def backend_options(values: Mapping[str, Any], *, key_env_param: str = "api_key_env") -> BackendOptions:
+    """BackendOptions from a command's parameters; ``key_env_param`` names the parameter holding the
+    upstream key's variable (``rsa serve`` keeps ``--api-key-env`` for its own token)."""
+    return BackendOptions(
+        model=values["model"], base_url=tuple(values["base_url"] or ()), api_key_env=values.get(key_env_param),
+        tokenizer=values["tokenizer"], device=values["device"], dtype=values["dtype"],
+        max_concurrency=values["max_concurrency"], timeout=values["timeout"],
+    )
 
 
 def build_config(preset: str | None, embedded: bool, **fields: Any) -> RSAConfig:
