@@ -79,12 +79,3 @@ async def last_tokens(
     tail = await backend.detokenize(ids[-n:])
     return tail.lstrip("\ufffd"), n
 
-
-async def first_tokens(backend: Backend, text: str, n: int, *, exact: bool) -> tuple[str, list[int]]:
-    """The first ``n`` model tokens of ``text`` (the head a chunked rollout keeps)."""
-    if n <= 0 or not text:
-        return "", []
-    if not exact:
-        return text[: n * APPROX_CHARS_PER_TOKEN], []
-    ids = (await backend.tokenize(text))[:n]
-    return (await backend.detokenize(ids)).rstrip("\ufffd"), ids

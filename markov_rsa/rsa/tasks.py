@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from markov_rsa.rsa.answers import extract_boxed, extract_code, majority, normalize_answer
+from markov_rsa.rsa.answers import extract_boxed, extract_code, majority
 from markov_rsa.rsa.prompts import CODE_V1, GENERIC_V1, MATH_V1, PromptSet
 from markov_rsa.rsa.result import Candidate
 
@@ -51,8 +51,7 @@ class GenericTask:
         return text.strip() or None
 
     async def select(self, candidates: Sequence[Candidate]) -> tuple[int | None, int]:
-        index, votes = majority([c.answer for c in candidates])
-        return index, votes
+        return majority([c.answer for c in candidates])
 
 
 #: Scores one program (the number of public tests it passes).
@@ -87,7 +86,3 @@ def task_for(name: str) -> Task:
     if name == "generic":
         return GenericTask()
     return MathTask()
-
-
-def same_answer(a: str | None, b: str | None) -> bool:
-    return a is not None and b is not None and normalize_answer(a) == normalize_answer(b)

@@ -14,7 +14,6 @@ import re
 from collections.abc import Sequence
 
 from markov_rsa.errors import MissingDependencyError
-from markov_rsa.rsa.answers import extract_boxed
 
 _INT = re.compile(r"[+-]?\d+")
 
@@ -40,10 +39,6 @@ def grade_one(prediction: str | None, gold: str, integer: bool, timeout: int = 5
     if not gold_parsed or not pred_parsed:
         return False
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
-
-
-def grade_reply(reply: str, gold: str, integer: bool) -> bool:
-    return grade_one(extract_boxed(reply), gold, integer)
 
 
 class MathGrader:
