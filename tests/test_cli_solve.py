@@ -89,3 +89,11 @@ def test_peak_memory_does_not_grow_with_rounds(demo_dir):
     four = run_peak(demo_dir, {**base, "rounds": 4})
     assert four["peak_kib"] <= one["peak_kib"] * 1.10, f"run peak grew from {one} (T=1) to {four} (T=4)"
     assert four["context"] <= one["context"] + 16, "prompts stay bounded by |q| + K·tau"
+
+
+def test_first_use_of_the_embedded_model_is_announced(tmp_path, demo_dir, monkeypatch):
+    from markov_rsa.backends.demo import demo_model_cached
+
+    assert demo_model_cached()
+    monkeypatch.setenv("MARKOV_RSA_CACHE", str(tmp_path))
+    assert not demo_model_cached()

@@ -64,6 +64,15 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _target(gguf: Path) -> Path:
+    return cache_root() / "models" / f"smollm2-135m-instruct-{gguf.stat().st_size}"
+
+
+def demo_model_cached() -> bool:
+    """Whether the converted copy exists (the first use converts it, which takes tens of seconds)."""
+    return (_target(demo_gguf()) / "config.json").is_file()
+
+
 def demo_model_dir(*, progress: bool = False) -> Path:
     """The cached safetensors copy of the demo model, converting it first if needed.
 
@@ -71,8 +80,7 @@ def demo_model_dir(*, progress: bool = False) -> Path:
     the conversion and the copy appears atomically by rename.
     """
     gguf = demo_gguf()
-    stat = gguf.stat()
-    target = cache_root() / "models" / f"smollm2-135m-instruct-{stat.st_size}"
+    target = _target(gguf)
     if (target / "config.json").is_file():
         return target
     with _locked(target.with_suffix(".lock")):

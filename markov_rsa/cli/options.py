@@ -110,16 +110,18 @@ def build_backend(opts: BackendOptions, *, announce: bool = True) -> Backend:
 
         _quiet_transformers()
         return TransformersBackend(opts.model, device=opts.device, dtype=opts.dtype)
-    from markov_rsa.backends.demo import DEMO_MODEL_NAME, demo_backend
+    from markov_rsa.backends.demo import DEMO_MODEL_NAME, cache_root, demo_backend, demo_model_cached
 
     _quiet_transformers()
-
     if announce:
         print(
             f"model: {DEMO_MODEL_NAME}. For real results use --model Zyphra/ZAYA1-8B (local GPU) "
             "or --base-url URL --model NAME (vLLM, SGLang, llama.cpp, Zyphra Cloud).",
             file=sys.stderr,
         )
+        if not demo_model_cached():
+            print(f"first run: converting the embedded GGUF once to a cached copy in {cache_root()} "
+                  "(about 20 s)", file=sys.stderr)
     return demo_backend(device="cpu" if opts.device == "auto" else opts.device)
 
 

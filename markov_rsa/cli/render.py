@@ -40,7 +40,7 @@ async def follow(events: AsyncIterator[Event], console: Console, *, quiet: bool 
 
 
 def _answers_cell(answers: list[str | None], width: int = 48) -> str:
-    counts = Counter(normalize_answer(a) if a is not None else "—" for a in answers)
+    counts = Counter((normalize_answer(a) or '""') if a is not None else "—" for a in answers)
     text = "  ".join(f"{a}×{n}" if n > 1 else a for a, n in counts.most_common())
     return text if len(text) <= width else text[: width - 1] + "…"
 
