@@ -40,6 +40,7 @@ demo: $(VENV)/.installed-core $(VENV)/.installed-model
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check markov_rsa tests bench
+	$(BIN)/mypy
 
 test: lint sandbox-deps $(VENV)/.installed-model
 	$(BIN)/python -m pytest -q

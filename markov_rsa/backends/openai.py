@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import httpx
 
-from markov_rsa.backends.base import BackendInfo, Generation, GenerationRequest, TokenizerKind
+from markov_rsa.backends.base import BackendInfo, FinishReason, Generation, GenerationRequest, TokenizerKind
 from markov_rsa.errors import (
     AuthenticationError,
     BackendRequestError,
@@ -272,7 +272,7 @@ class OpenAIBackend:
             message = choice.get("message") or {}
             text = message.get("content") or ""
             reasoning = message.get("reasoning_content") or message.get("reasoning")
-        finish = "length" if choice.get("finish_reason") == "length" else "stop"
+        finish: FinishReason = "length" if choice.get("finish_reason") == "length" else "stop"
         usage = data.get("usage") or {}
         details = usage.get("completion_tokens_details") or {}
         completion = usage.get("completion_tokens")

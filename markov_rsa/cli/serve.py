@@ -20,7 +20,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -304,7 +304,7 @@ class ChatHandler:
     def body(self, reply: _Reply) -> dict[str, Any]:
         return {**self.envelope("chat.completion"), "choices": reply.choices, "usage": reply.usage, **reply.extra}
 
-    async def stream(self) -> AsyncIterator[str]:
+    async def stream(self) -> AsyncGenerator[str, None]:
         if self.parsed.config is None:
             reply = await self.passthrough()
         else:

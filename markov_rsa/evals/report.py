@@ -107,7 +107,9 @@ def _plots(runs: list[RunData]) -> dict[str, bytes]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         if name == "accuracy_per_round":
-            ax.xaxis.get_major_locator().set_params(integer=True)
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png")

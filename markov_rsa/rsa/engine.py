@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,7 +94,7 @@ class MarkovianRSA:
                     return event.result
         raise RuntimeError("run ended without a result")  # pragma: no cover - stream always finishes
 
-    async def stream(self, problem: str) -> AsyncIterator[Event]:
+    async def stream(self, problem: str) -> AsyncGenerator[Event, None]:
         """Yield the run's events; the last is :class:`RunFinished`. Closing the iterator cancels the
         run's outstanding requests."""
         cfg = self.config
@@ -123,11 +123,12 @@ class MarkovianRSA:
     # -- one stage ----------------------------------------------------------------------------
     async def _round(
         self, run: _Run, t: int, kind: RoundKind, previous: Sequence[Candidate], count: int, exact: bool
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         cfg = self.config
         record = RoundRecord(index=t, kind=kind)
         run.rounds.append(record)
         started = time.perf_counter()
+        plans: list[tuple[tuple[int, ...], tuple[Message, ...]]]
         if kind == "initial":
             plans = [((), self.task.prompts.initial_messages(run.problem)) for _ in range(count)]
         else:
@@ -213,12 +214,16 @@ class MarkovianRSA:
         candidate = Candidate(round=t, index=i, parents=list(parents))
         error: BackendError | None = None
         for attempt in range(cfg.candidate_retries + 1):
+
+            def sampling(chunk: int, attempt: int = attempt) -> SamplingParams:
+                return self._sampling(run, t, i, kind, attempt, chunk)
+
             try:
                 out = await rollout(
                     self.backend,
                     messages,
                     cfg,
-                    lambda chunk, a=attempt: self._sampling(run, t, i, kind, a, chunk),
+                    sampling,
                     exact_tokens=exact,
                     tags={"round": t, "index": i, "attempt": attempt},
                 )

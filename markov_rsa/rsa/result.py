@@ -132,6 +132,6 @@ class RSAResult:
                 "config": RSAConfig.from_dict(data["config"]),
                 "rounds": rounds,
                 "usage": Usage(**data["usage"]),
-                "selected": selected,  # type: ignore[arg-type]
+                "selected": selected,
             }
         )

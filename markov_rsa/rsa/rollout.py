@@ -60,7 +60,8 @@ async def rollout(
     outputs: list[Generation] = []
     head_ids: list[int] = []
     head_text = ""
-    prefix, prefix_ids = "", ()
+    prefix = ""
+    prefix_ids: tuple[int, ...] = ()
     for chunk in range(config.effective_max_chunks):
         request = GenerationRequest(
             messages,

@@ -18,8 +18,11 @@ from markov_rsa.rsa.result import Candidate
 
 @runtime_checkable
 class Task(Protocol):
-    name: str
-    prompts: PromptSet
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def prompts(self) -> PromptSet: ...
 
     def extract_answer(self, text: str) -> str | None: ...
 
