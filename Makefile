@@ -24,7 +24,7 @@ $(VENV)/.installed-model: | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed-core
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[local,serve,evals,dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[local,serve,evals,hub,dev]'
 	touch $@
 
 # The code sandbox isolates programs with bubblewrap; the tests require it (Debian package).

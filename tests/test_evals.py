@@ -336,3 +336,39 @@ def test_report_on_a_non_run_directory_is_a_one_line_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "markov_rsa.cli.app", "report", str(tmp_path)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "is not a run directory" in out.stderr and "Traceback" not in out.stderr
+
+
+def hub_cache(root: Path, repo_id: str, files: dict[str, bytes]) -> None:
+    """A Hugging Face Hub cache holding one snapshot of a dataset repository, as a download leaves it."""
+    revision = "0" * 40
+    repo = root / f"datasets--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    for name, data in files.items():
+        path = repo / "snapshots" / revision / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def test_sets_load_from_the_hub_cache_as_users_get_them(tmp_path, monkeypatch):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("MARKOV_RSA_DATA_DIR", raising=False)
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"problem_idx": [1, 2], "problem": ["Find x.", "Find y."], "answer": [70, 588]}), buffer)
+    hub_cache(tmp_path, "MathArena/aime_2025", {"data/train-00000-of-00001.parquet": buffer.getvalue()})
+    problems = load_task("aime25")
+    assert [(p.id, p.answer) for p in problems] == [("aime25_1", "70"), ("aime25_2", "588")]
+
+    row = json.loads((DATASETS / "livecodebench" / "code_generation_lite_1873_A.jsonl").read_text())
+    newer = {**leetcode_row(TWO_SUM_TESTS), "question_id": "2", "contest_date": "2024-02-01T00:00:00"}
+    hub_cache(tmp_path, "livecodebench/code_generation_lite",
+              {"test.jsonl": (json.dumps(row) + "\n").encode(), "test2.jsonl": (json.dumps(newer) + "\n").encode()})
+    assert [p.id for p in load_task("lcb", release="v1")] == ["1873_A"]
+    assert [p.id for p in load_task("lcb", release="v2")] == ["1873_A", "2"]
+    assert [p.id for p in load_task("lcb", release="v2", since="2024-01-01")] == ["2"]

@@ -135,3 +135,15 @@ async def test_chunked_rollouts_run_on_the_real_zaya_code_path(tiny_zaya, tokeni
     assert all(len(r.assistant_prefix_ids) == 8 for r in chunked), "keep_head + carryover tokens, exactly"
     assert all(r.max_tokens <= 16 for r in seen)
     assert all(c.chunks >= 1 and c.usage.completion_tokens <= 48 for r in result.rounds for c in r.candidates)
+
+
+async def test_loads_a_gguf_file_directly():
+    from markov_rsa.backends.demo import demo_gguf
+
+    backend = TransformersBackend(str(demo_gguf()), device="cpu")
+    try:
+        gen = await backend.generate(req(HELLO, 6))
+        assert gen.completion_tokens == len(gen.token_ids) <= 6 and gen.text
+        assert backend.info.extra["model_type"] == "llama"
+    finally:
+        backend.close()

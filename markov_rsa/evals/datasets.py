@@ -8,6 +8,7 @@ tests and offline machines run.
 from __future__ import annotations
 
 import base64
+import fnmatch
 import io
 import json
 import os
@@ -102,7 +103,10 @@ def _hub_rows(repo_id: str, patterns: list[str]) -> list[dict[str, Any]]:
         ) from None
     local = Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=patterns))
     rows: list[dict[str, Any]] = []
-    for path in sorted(local.rglob("*")):
+    # The snapshot folder can hold more than was asked for (files cached earlier), so filter again.
+    wanted = [p for p in sorted(local.rglob("*")) if any(fnmatch.fnmatch(p.relative_to(local).as_posix(), pat)
+                                                         or fnmatch.fnmatch(p.name, pat) for pat in patterns)]
+    for path in wanted:
         if path.suffix == ".jsonl":
             rows.extend(_read_jsonl(path))
         elif path.suffix == ".parquet":
