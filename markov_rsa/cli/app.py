@@ -253,7 +253,7 @@ def serve(
                 raise ConfigError("api_key_env", f"environment variable {api_key_env} is not set or empty")
         config = o.build_config(preset, backend_opts.embedded, task=task)
         backend = o.build_backend(backend_opts)
-        settings = ServerSettings(backend=backend, config=config, task=task, api_key=key,
+        settings = ServerSettings(backend=backend, config=config, api_key=key,
                                   model_name=model_name or backend.info.model)
         Console(stderr=True).print(
             f"serving {settings.model_name} on http://{host}:{port}/v1 (preset {config.preset}"

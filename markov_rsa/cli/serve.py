@@ -36,7 +36,6 @@ from markov_rsa.rsa.engine import MarkovianRSA
 from markov_rsa.rsa.events import Event, RunFinished
 from markov_rsa.rsa.result import RSAResult
 from markov_rsa.rsa.tails import split_reasoning
-from markov_rsa.rsa.tasks import task_for
 
 #: The reference proxy's request fields and the RSAConfig field each one sets.
 PROXY_FIELDS: dict[str, str] = {
@@ -80,8 +79,8 @@ class ServerSettings:
     """Everything the server is configured with; it holds no state that requests could share."""
 
     backend: Backend
+    #: The settings of extended-compute requests before a request's own fields (its task included).
     config: RSAConfig
-    task: str = "generic"
     api_key: str | None = None
     model_name: str = "markov-rsa"
 
@@ -293,7 +292,7 @@ class ChatHandler:
 
     def engine(self) -> MarkovianRSA:
         assert self.parsed.config is not None
-        return MarkovianRSA(self.settings.backend, self.parsed.config, task=task_for(self.parsed.config.task))
+        return MarkovianRSA(self.settings.backend, self.parsed.config)
 
     async def complete(self) -> _Reply:
         if self.parsed.config is None:

@@ -145,7 +145,6 @@ class MarkovianRSA:
             asyncio.create_task(self._candidate(run, t, i, kind, parents, messages, exact))
             for i, (parents, messages) in enumerate(plans)
         ]
-        results: list[Candidate | None] = [None] * count
         try:
             pending: set[asyncio.Task[Candidate]] = set(tasks)
             while pending:
@@ -155,7 +154,6 @@ class MarkovianRSA:
                 done, pending = await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
                 for finished in sorted(done, key=tasks.index):
                     candidate = finished.result()  # a fatal backend error propagates from here
-                    results[candidate.index] = candidate
                     record.candidates.append(candidate)
                     record.usage.add(candidate.usage)
                     run.usage.add(candidate.usage)
