@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -78,6 +79,32 @@ async def test_cancelled_request_is_dropped(smol):
         await queued
     await smol.generate(req(OTHER, 1))
     assert smol.stats.rows - rows_before == 1, "the cancelled request never ran"
+
+
+async def test_cancelling_a_running_request_frees_the_backend(smol):
+    running = asyncio.create_task(smol.generate(req(OTHER, 400)))
+    await asyncio.sleep(0.5)  # it is generating now: 400 tokens would take about half a minute
+    running.cancel()
+    started = time.perf_counter()
+    await smol.generate(req(HELLO, 2))
+    assert time.perf_counter() - started < 5, "the cancelled row stopped at its next step"
+
+
+async def test_close_fails_running_and_queued_requests_and_stops_the_worker(tiny_zaya, tokenizer):
+    from markov_rsa import BackendUnavailableError
+
+    backend = TransformersBackend(model_object=tiny_zaya, tokenizer_object=tokenizer, device="cpu",
+                                  max_batch_size=1)
+    running = asyncio.create_task(backend.generate(req(HELLO, 3000)))
+    queued = asyncio.create_task(backend.generate(req(OTHER, 5)))
+    await asyncio.sleep(0.3)
+    await asyncio.to_thread(backend.close)
+    for task in (running, queued):
+        with pytest.raises(BackendUnavailableError, match="closed"):
+            await task
+    assert not backend._worker.is_alive()
+    with pytest.raises(BackendUnavailableError, match="closed"):
+        await backend.generate(req(HELLO, 1))
 
 
 def test_device_and_model_are_reported_honestly(smol):

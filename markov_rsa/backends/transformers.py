@@ -54,10 +54,13 @@ class _Item:
     request: GenerationRequest
     future: concurrent.futures.Future[Generation]
     enqueued: float = field(default_factory=time.perf_counter)
+    #: Set by the caller's side when it stops waiting; a running future cannot be cancelled, so
+    #: the worker reads this flag to stop the row at its next step.
+    abandoned: bool = False
 
     @property
     def cancelled(self) -> bool:
-        return self.future.cancelled()
+        return self.abandoned or self.future.cancelled()
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class TransformersBackend:
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._stats = [0, 0, 0, 0]
         self._closed = False
+        self._stopping = threading.Event()
         self._worker = threading.Thread(target=self._work, name="markov-rsa-transformers", daemon=True)
         self._worker.start()
 
@@ -173,11 +177,13 @@ class TransformersBackend:
         if self._closed:
             raise BackendUnavailableError("the local backend was closed")
         future: concurrent.futures.Future[Generation] = concurrent.futures.Future()
-        self._queue.put(_Item(request, future))
+        item = _Item(request, future)
+        self._queue.put(item)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
-            future.cancel()  # a queued request is dropped; a running row stops at its next step
+            item.abandoned = True  # a running row stops at its next step
+            future.cancel()  # a queued request is dropped before it runs
             raise
 
     async def tokenize(self, text: str) -> list[int]:
@@ -192,15 +198,20 @@ class TransformersBackend:
         self.close()
 
     def close(self) -> None:
+        """Stop running rows at their next step, fail queued requests, and wait for the worker."""
         if not self._closed:
             self._closed = True
+            self._stopping.set()
             self._queue.put(None)
+            if threading.current_thread() is not self._worker:
+                self._worker.join(timeout=60)
 
     # -- the worker ---------------------------------------------------------------------------
     def _work(self) -> None:
         while True:
             first = self._queue.get()
-            if first is None:
+            if first is None or self._stopping.is_set():
+                self._fail_queued(first)
                 return
             batch = [first]
             deadline = time.perf_counter() + self.batch_window
@@ -228,8 +239,25 @@ class TransformersBackend:
                 if self._device != "cpu":
                     self._torch.cuda.empty_cache()
             for item, out in zip(live, outputs, strict=True):
-                if not item.future.done():
+                if item.future.done():
+                    continue
+                if self._stopping.is_set():  # cut short by close(): not a real truncation
+                    item.future.set_exception(BackendUnavailableError("the local backend was closed"))
+                else:
                     item.future.set_result(out)
+
+    def _fail_queued(self, first: _Item | None) -> None:
+        items = [first] if first is not None else []
+        while True:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is not None:
+                items.append(nxt)
+        for item in items:
+            if item.future.set_running_or_notify_cancel():
+                item.future.set_exception(BackendUnavailableError("the local backend was closed"))
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         messages = [dict(m) for m in request.messages]
@@ -263,7 +291,7 @@ class TransformersBackend:
             input_ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
             attention[r, width - len(p):] = 1
         input_ids, attention = input_ids.to(self._device), attention.to(self._device)
-        state = _RowState(items, width, self._eos, self.tokenizer, self._tok_lock, torch)
+        state = _RowState(items, width, self._eos, self.tokenizer, self._tok_lock, torch, self._stopping)
         config = GenerationConfig(
             max_new_tokens=max_new,
             do_sample=False,
@@ -311,8 +339,10 @@ class _RowState:
     through greedy decoding; generate itself therefore never draws from the global RNG.
     """
 
-    def __init__(self, items: list[_Item], width: int, eos: list[int], tokenizer: Any, lock: Any, torch: Any):
+    def __init__(self, items: list[_Item], width: int, eos: list[int], tokenizer: Any, lock: Any, torch: Any,
+                 stopping: threading.Event):
         self.items = items
+        self.stopping = stopping
         self.width = width
         self.eos = set(eos)
         self.tokenizer = tokenizer
@@ -354,7 +384,7 @@ class _RowState:
 
     def done(self, r: int, generated: Sequence[int]) -> bool:
         item = self.items[r]
-        if item.cancelled or len(generated) >= item.request.max_tokens:
+        if item.cancelled or self.stopping.is_set() or len(generated) >= item.request.max_tokens:
             return True
         if generated and generated[-1] in self.eos:
             return True
