@@ -226,6 +226,16 @@ async def test_server_tokenize_endpoint_is_used_else_tails_are_marked_approximat
     assert result.tails_approximate and plain.info.tokenizer == "approximate"
 
 
+async def test_an_unreachable_server_is_reported_at_once():
+    from markov_rsa import BackendUnavailableError
+
+    backend = OpenAIBackend(f"http://127.0.0.1:{free_port()}/v1", model="m", retry=FAST)
+    started = time.perf_counter()
+    with pytest.raises(BackendUnavailableError, match="is the server running"):
+        await MarkovianRSA(backend, SMALL).solve("p")
+    assert time.perf_counter() - started < 5
+
+
 async def test_extra_body_and_sampling_fields_pass_through(fault):
     backend = backend_for(fault, extra_body={"min_p": 0.05, "chat_template_kwargs": {"enable_thinking": True}})
     await MarkovianRSA(backend, SMALL.replace(top_k=20, top_p=0.9, rounds=0)).solve("p")

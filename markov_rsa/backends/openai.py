@@ -385,6 +385,8 @@ class OpenAIBackend:
             _TokenizerRoute("/tokenize", "/detokenize", "llamacpp"),
         )
         probe = "Markovian tails: 12 + 30 = 42."
+        unreachable: BackendUnavailableError | None = None
+        answered = False
         for route in routes:
             try:
                 self._route = route
@@ -393,9 +395,15 @@ class OpenAIBackend:
                 ids = await self._tokenize_remote(probe)
                 if ids and (await self._detokenize_remote(ids)).strip() == probe:
                     return "exact"
-            except (BackendRequestError, BackendUnavailableError, KeyError, TypeError, ValueError):
-                continue
+                answered = True
+            except BackendUnavailableError as exc:
+                unreachable = exc
+            except (BackendRequestError, KeyError, TypeError, ValueError):
+                answered = True  # the server answered: it just has no such endpoint
         self._route = None
+        if unreachable is not None and not answered:
+            urls = ", ".join(e.url for e in self._endpoints)
+            raise BackendUnavailableError(f"cannot reach {urls}; is the server running? ({unreachable})")
         return "approximate"
 
     async def _tokenize_remote(self, text: str) -> list[int]:
