@@ -295,6 +295,19 @@ def test_resume_after_sigkill_loses_nothing_and_repeats_nothing(tmp_path):
     assert len(kept) == 8 * 3 * 2, "every finished problem keeps all its candidates"
 
 
+def test_eval_stops_at_once_when_the_endpoint_refuses_every_request(tmp_path):
+    server = FaultServer(faults=lambda body: ["401"] * 10)
+    with serve_app(server.app()) as url:
+        out = subprocess.run(
+            [sys.executable, "-m", "markov_rsa.cli.app", "eval", "aime25", "--out", str(tmp_path), "--data-dir",
+             str(DATASETS), "--base-url", f"{url}/v1", "--model", "m", "--limit", "5", "--population", "2",
+             "--k", "1", "--rounds", "0", "--budget", "50", "--tail", "10"],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert out.returncode == 2 and "rejected the API key" in out.stderr and "Traceback" not in out.stderr
+    assert list(read_jsonl(tmp_path / "problems.jsonl")) == []
+
+
 def test_resume_refuses_a_directory_of_another_configuration(tmp_path):
     backend = OpenAIBackend("http://127.0.0.1:9/v1", model="m")
     (tmp_path / "run.json").write_text(json.dumps({"task": "aime25", "config": {}, "repeats": 1}))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from markov_rsa.backends.base import Backend
-from markov_rsa.errors import ConfigError
+from markov_rsa.errors import BackendRequestError, ConfigError
 from markov_rsa.evals.datasets import MATH_SETS, Problem
 from markov_rsa.evals.grading.code import CodeGrader
 from markov_rsa.evals.grading.math import MathGrader
@@ -157,6 +157,8 @@ class Evaluation:
             async with semaphore:
                 try:
                     record = await self._solve(problem, repeat, candidates)
+                except BackendRequestError:
+                    raise  # a wrong key, model or URL fails every problem alike: stop the run
                 except Exception as exc:  # one problem's failure is reported, the others carry on
                     self.progress.failed.append(f"{problem.id}#{repeat}: {exc}")
                     notify(self.progress)
