@@ -68,3 +68,16 @@ def test_config_is_frozen_and_serialisable():
     assert RSAConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.generations == cfg.population * (cfg.rounds + 1)
     assert RSAConfig(final="aggregate", final_n=2).generations == 16 * 3 + 2
+
+
+def test_the_engine_and_remote_paths_never_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, markov_rsa, markov_rsa.backends.openai, markov_rsa.cli.serve, markov_rsa.evals.runner\n"
+        "from markov_rsa import MarkovianRSA, RSAConfig\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
