@@ -363,25 +363,37 @@ def hub_cache(root: Path, repo_id: str, files: dict[str, bytes]) -> None:
         path.write_bytes(data)
 
 
-def test_sets_load_from_the_hub_cache_as_users_get_them(tmp_path, monkeypatch):
+LOAD_FROM_HUB = """
+import json, sys
+from markov_rsa.evals.datasets import load_task
+print(json.dumps({name: [(p.id, p.answer) for p in load_task(*args, **kw)]
+                  for name, args, kw in json.loads(sys.argv[1])}))
+"""
+
+
+def test_sets_load_from_the_hub_cache_as_users_get_them(tmp_path):
     import io
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("MARKOV_RSA_DATA_DIR", raising=False)
     buffer = io.BytesIO()
     pq.write_table(pa.table({"problem_idx": [1, 2], "problem": ["Find x.", "Find y."], "answer": [70, 588]}), buffer)
     hub_cache(tmp_path, "MathArena/aime_2025", {"data/train-00000-of-00001.parquet": buffer.getvalue()})
-    problems = load_task("aime25")
-    assert [(p.id, p.answer) for p in problems] == [("aime25_1", "70"), ("aime25_2", "588")]
-
     row = json.loads((DATASETS / "livecodebench" / "code_generation_lite_1873_A.jsonl").read_text())
     newer = {**leetcode_row(TWO_SUM_TESTS), "question_id": "2", "contest_date": "2024-02-01T00:00:00"}
     hub_cache(tmp_path, "livecodebench/code_generation_lite",
               {"test.jsonl": (json.dumps(row) + "\n").encode(), "test2.jsonl": (json.dumps(newer) + "\n").encode()})
-    assert [p.id for p in load_task("lcb", release="v1")] == ["1873_A"]
-    assert [p.id for p in load_task("lcb", release="v2")] == ["1873_A", "2"]
-    assert [p.id for p in load_task("lcb", release="v2", since="2024-01-01")] == ["2"]
+    calls = [["aime25", ["aime25"], {}], ["v1", ["lcb"], {"release": "v1"}], ["v2", ["lcb"], {"release": "v2"}],
+             ["since", ["lcb"], {"release": "v2", "since": "2024-01-01"}]]
+    # huggingface_hub reads its settings at import, so the load runs in a fresh process as a user's would.
+    env = {k: v for k, v in os.environ.items() if k != "MARKOV_RSA_DATA_DIR"}
+    env.update(HF_HUB_CACHE=str(tmp_path), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", LOAD_FROM_HUB, json.dumps(calls)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    loaded = json.loads(out.stdout)
+    assert loaded["aime25"] == [["aime25_1", "70"], ["aime25_2", "588"]]
+    assert [i for i, _ in loaded["v1"]] == ["1873_A"]
+    assert [i for i, _ in loaded["v2"]] == ["1873_A", "2"]
+    assert [i for i, _ in loaded["since"]] == ["2"]
