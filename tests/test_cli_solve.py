@@ -53,6 +53,10 @@ def test_solve_reads_stdin_and_quiet_prints_only_the_answer(demo_dir):
         (["--preset", "bogus"], "preset: unknown preset 'bogus'"),
         (["--final", "best"], "final: must be one of majority, aggregate, population"),
         (["--base-url", "http://127.0.0.1:9/v1"], "model: name the served model with --model"),
+        (["--backend", "openai"], "base_url: --backend openai needs --base-url"),
+        (["--backend", "local"], "model: --backend local needs --model"),
+        (["--backend", "gpu"], "backend: must be auto, local, openai or demo, got 'gpu'"),
+        (["--backend", "demo", "--model", "x"], "model: --model does not apply to --backend demo"),
         (["--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--api-key-env", "NOPE_UNSET_VAR"],
          "api_key_env: environment variable NOPE_UNSET_VAR is not set"),
     ],
@@ -88,7 +92,8 @@ def test_peak_memory_does_not_grow_with_rounds(demo_dir):
     one = run_peak(demo_dir, {**base, "rounds": 1})
     four = run_peak(demo_dir, {**base, "rounds": 4})
     assert four["peak_kib"] <= one["peak_kib"] * 1.10, f"run peak grew from {one} (T=1) to {four} (T=4)"
-    assert four["context"] <= one["context"] + 16, "prompts stay bounded by |q| + K·tau"
+    # Tails shorter than tau in the T=1 run can leave it up to K*tau below the bound; never more.
+    assert four["context"] <= one["context"] + base["k"] * base["tail"], "prompts stay bounded by |q| + K*tau"
 
 
 def test_first_use_of_the_embedded_model_is_announced(tmp_path, demo_dir, monkeypatch):

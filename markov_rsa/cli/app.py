@@ -86,6 +86,7 @@ def solve(
     task: Annotated[str | None, typer.Option(help="Prompt set and answer format: math, code or generic.")] = None,
     token_budget: o.TokenBudget = None,
     time_limit: o.TimeLimit = None,
+    backend: o.BackendKind = "auto",
     model: o.Model = None,
     base_url: o.BaseUrl = None,
     api_key_env: o.ApiKeyEnv = None,
@@ -166,6 +167,7 @@ def eval_command(
     release: Annotated[str, typer.Option(help="LiveCodeBench release (v1..v6).")] = "v6",
     since: Annotated[str | None, typer.Option(help="LiveCodeBench: contest_date on or after YYYY-MM-DD.")] = None,
     until: Annotated[str | None, typer.Option(help="LiveCodeBench: contest_date on or before YYYY-MM-DD.")] = None,
+    backend: o.BackendKind = "auto",
     model: o.Model = None,
     base_url: o.BaseUrl = None,
     api_key_env: o.ApiKeyEnv = None,
@@ -225,6 +227,7 @@ def serve(
         str | None, typer.Option(help="Environment variable holding the bearer token every request must send.")
     ] = None,
     model_name: Annotated[str | None, typer.Option(help="Model id reported by /v1/models.")] = None,
+    backend: o.BackendKind = "auto",
     model: o.Model = None,
     base_url: o.BaseUrl = None,
     upstream_api_key_env: Annotated[

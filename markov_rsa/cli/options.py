@@ -55,6 +55,11 @@ ApiKeyEnv = Annotated[str | None, typer.Option(help="Environment variable holdin
 Tokenizer = Annotated[
     str | None, typer.Option(help="Hugging Face tokenizer for remote tails when the server has no tokenize endpoint.")
 ]
+BackendKind = Annotated[
+    str,
+    typer.Option(help="auto (from --base-url/--model), local (transformers, needs --model), openai (needs "
+                      "--base-url and --model) or demo (the embedded model)."),
+]
 Device = Annotated[str, typer.Option(help="Local backend device: auto, cpu, cuda (ROCm GPUs are cuda too).")]
 Dtype = Annotated[str, typer.Option(help="Local backend dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32.")]
 MaxConcurrency = Annotated[int, typer.Option(help="Remote backend: most requests in flight at once.")]
@@ -63,6 +68,7 @@ Timeout = Annotated[float, typer.Option(help="Remote backend: seconds before one
 
 @dataclass(frozen=True)
 class BackendOptions:
+    backend: str = "auto"
     model: str | None = None
     base_url: tuple[str, ...] = ()
     api_key_env: str | None = None
@@ -73,8 +79,25 @@ class BackendOptions:
     timeout: float = 600.0
 
     @property
+    def kind(self) -> str:
+        """Which backend the options select; conflicting or missing flags are a ConfigError."""
+        if self.backend not in ("auto", "local", "openai", "demo"):
+            raise ConfigError("backend", f"must be auto, local, openai or demo, got {self.backend!r}")
+        if self.backend == "auto":
+            return "openai" if self.base_url else "local" if self.model else "demo"
+        if self.backend == "openai" and not self.base_url:
+            raise ConfigError("base_url", "--backend openai needs --base-url (and --model)")
+        if self.backend == "local" and not self.model:
+            raise ConfigError("model", "--backend local needs --model (a Hub id, directory or .gguf file)")
+        if self.backend in ("local", "demo") and self.base_url:
+            raise ConfigError("base_url", f"--base-url does not apply to --backend {self.backend}")
+        if self.backend == "demo" and self.model:
+            raise ConfigError("model", "--model does not apply to --backend demo")
+        return self.backend
+
+    @property
     def embedded(self) -> bool:
-        return not self.base_url and not self.model
+        return self.kind == "demo"
 
 
 def _quiet_transformers() -> None:
@@ -87,7 +110,8 @@ def _quiet_transformers() -> None:
 
 def build_backend(opts: BackendOptions, *, announce: bool = True) -> Backend:
     """The backend the options describe; announces the embedded model on stderr."""
-    if opts.base_url:
+    kind = opts.kind
+    if kind == "openai":
         from markov_rsa.backends.openai import OpenAIBackend
 
         if not opts.model:
@@ -105,7 +129,7 @@ def build_backend(opts: BackendOptions, *, announce: bool = True) -> Backend:
             max_concurrency=opts.max_concurrency,
             timeout=opts.timeout,
         )
-    if opts.model:
+    if kind == "local":
         from markov_rsa.backends.transformers import TransformersBackend
 
         _quiet_transformers()
@@ -138,7 +162,8 @@ def backend_options(values: Mapping[str, Any], *, key_env_param: str = "api_key_
     """BackendOptions from a command's parameters; ``key_env_param`` names the parameter holding the
     upstream key's variable (``rsa serve`` keeps ``--api-key-env`` for its own token)."""
     return BackendOptions(
-        model=values["model"], base_url=tuple(values["base_url"] or ()), api_key_env=values.get(key_env_param),
+        backend=values.get("backend") or "auto", model=values["model"], base_url=tuple(values["base_url"] or ()),
+        api_key_env=values.get(key_env_param),
         tokenizer=values["tokenizer"], device=values["device"], dtype=values["dtype"],
         max_concurrency=values["max_concurrency"], timeout=values["timeout"],
     )
