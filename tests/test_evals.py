@@ -154,6 +154,27 @@ async def test_call_based_problem_uses_solution_method_and_tuples_as_lists(grade
     assert not await grader.grade(TWO_SUM.replace("return (seen[target - x], i)", "return [i, i]"), problem)
 
 
+async def test_public_tests_run_once_per_program_for_grading_and_selection(grader):
+    from collections import Counter
+
+    from markov_rsa.evals.runner import PublicTests
+
+    [problem] = load_lcb(DATASETS / "livecodebench")
+    runs: Counter[str] = Counter()
+
+    class Counting(CodeGrader):
+        async def run_test(self, program, test, func_name):
+            runs[program] += test in problem.public_tests
+            return await super().run_test(program, test, func_name)
+
+    public = PublicTests(Counting(grader.sandbox), problem)
+    wrong = SHORT_SORT.replace("(0, 2)", "(0,)")
+    assert await public.grade(SHORT_SORT) == await grader.grade(SHORT_SORT, problem) is True
+    assert await public.grade(wrong) == await grader.grade(wrong, problem) is False
+    assert await public.score(SHORT_SORT) == 1 and await public.score(wrong) == 0
+    assert runs == {SHORT_SORT: 1, wrong: 1}, "each program ran its public test once"
+
+
 HOSTILE = {
     "fork bomb": "import os\nwhile True:\n    os.fork()\n",
     "memory bomb": "x = [bytearray(10**8) for _ in range(1000)]\n",

@@ -94,16 +94,33 @@ class _Log:
         self._handle.close()
 
 
-def engine_task(problem: Problem, code: CodeGrader | None) -> Task:
+class PublicTests:
+    """One problem's public-test scores, shared by grading and by selection, so that each program
+    runs its public tests once however often either asks."""
+
+    def __init__(self, code: CodeGrader, problem: Problem) -> None:
+        self.code = code
+        self.problem = problem
+        self._scores: dict[str, asyncio.Future[int]] = {}
+
+    async def score(self, program: str) -> int:
+        if program not in self._scores:
+            self._scores[program] = asyncio.ensure_future(self.code.public_score(program, self.problem))
+        return await asyncio.shield(self._scores[program])
+
+    async def grade(self, program: str | None) -> bool:
+        """Correct when every public and private test passes (as CodeGrader.grade decides)."""
+        p = self.problem
+        if not program or not (p.public_tests or p.private_tests):
+            return False
+        if await self.score(program) < len(p.public_tests):
+            return False
+        return not p.private_tests or (await self.code.run_tests(program, p.private_tests, p.func_name)).all_passed
+
+
+def engine_task(problem: Problem, public: PublicTests | None) -> Task:
     if problem.kind == "code":
-        cache: dict[str, int] = {}
-
-        async def scorer(program: str) -> int:
-            if program not in cache and code is not None:
-                cache[program] = await code.public_score(program, problem)
-            return cache.get(program, 0)
-
-        return CodeTask(prompts=CODE_V1, scorer=scorer)
+        return CodeTask(prompts=CODE_V1, scorer=public.score if public else None)
     integer = MATH_SETS[problem.task].integer_answers if problem.task in MATH_SETS else False
     return MathTask(prompts=AIME_V1 if integer else MATH_V1)
 
@@ -180,10 +197,9 @@ class Evaluation:
         base = self.spec.config.seed
         return None if base is None else derive_seed(base, zlib.crc32(problem.id.encode()), repeat)
 
-    async def _grade(self, candidate: Candidate, problem: Problem) -> bool:
-        if problem.kind == "code":
-            assert self.code is not None
-            return await self.code.grade(candidate.answer, problem)
+    async def _grade(self, candidate: Candidate, problem: Problem, public: PublicTests | None) -> bool:
+        if public is not None:
+            return await public.grade(candidate.answer)
         assert self.math is not None and problem.answer is not None
         integer = MATH_SETS[problem.task].integer_answers if problem.task in MATH_SETS else False
         return await self.math.grade(candidate.answer, problem.answer, integer)
@@ -191,7 +207,8 @@ class Evaluation:
     async def _solve(self, problem: Problem, repeat: int, log: _Log) -> dict[str, Any]:
         attempt = uuid.uuid4().hex
         config = self.spec.config.replace(seed=self._seed(problem, repeat))
-        task = engine_task(problem, self.code)
+        public = PublicTests(self.code, problem) if problem.kind == "code" and self.code else None
+        task = engine_task(problem, public)
         engine = MarkovianRSA(self.backend, config, task=task)
         graded: dict[tuple[int, int], bool] = {}
         pending: list[asyncio.Task[None]] = []
@@ -199,7 +216,7 @@ class Evaluation:
         started = time.perf_counter()
 
         async def grade_and_log(candidate: Candidate) -> None:
-            correct = await self._grade(candidate, problem) if candidate.ok else False
+            correct = await self._grade(candidate, problem, public) if candidate.ok else False
             graded[(candidate.round, candidate.index)] = correct
             self.progress.candidates += 1
             log.write({
