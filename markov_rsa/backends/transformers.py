@@ -18,7 +18,7 @@ import gc
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -353,47 +353,59 @@ class _RowState:
             g = torch.Generator()
             g.manual_seed(item.request.sampling.seed if item.request.sampling.seed is not None else torch.seed())
             self.generators.append(g)
-        self.stopped_by_string: dict[int, int] = {}
+        self.params: dict[str, Any] = {}  # per-row sampling tensors, built on the first step's device
         self.sampler = self._sample
         self.stopper = _Stopper(self)
+
+    def _row_params(self, device: Any, vocab: int) -> dict[str, Any]:
+        if not self.params:
+            torch = self.torch
+            params = [item.request.sampling for item in self.items]
+            self.params = {
+                "temps": torch.tensor([max(p.temperature, 1e-6) for p in params], device=device),
+                "top_k": torch.tensor([p.top_k or vocab for p in params], device=device),
+                "top_p": torch.tensor([p.top_p for p in params], device=device),
+                "greedy": torch.tensor([p.temperature <= 0 for p in params], device=device),
+                "position": torch.arange(vocab, device=device)[None, :],
+                "rows": torch.arange(len(params), device=device),
+            }
+        return self.params
 
     def _sample(self, input_ids: Any, scores: Any) -> Any:
         """One sort per step for the whole batch; each row's generator only draws its uniform."""
         torch = self.torch
         logits = scores.float()
-        rows, vocab = logits.shape
-        params = [item.request.sampling for item in self.items]
-        temps = torch.tensor([max(p.temperature, 1e-6) for p in params], device=logits.device)
-        sorted_logits, order = torch.sort(logits / temps[:, None], dim=-1, descending=True)
+        vocab = logits.shape[1]
+        p = self._row_params(logits.device, vocab)
+        sorted_logits, order = torch.sort(logits / p["temps"][:, None], dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        position = torch.arange(vocab, device=logits.device)[None, :]
-        top_k = torch.tensor([p.top_k or vocab for p in params], device=logits.device)
-        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
         cumulative = torch.cumsum(probs, dim=-1)
-        keep = (position < top_k[:, None]) & ((cumulative - probs) <= top_p[:, None])
+        keep = (p["position"] < p["top_k"][:, None]) & ((cumulative - probs) <= p["top_p"][:, None])
         keep[:, 0] = True
         cdf = torch.cumsum(probs * keep, dim=-1)
         uniforms = torch.stack([torch.rand((), generator=g) for g in self.generators]).to(logits.device)
         picked = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None]).clamp_(max=vocab - 1)
-        tokens = order.gather(1, picked).squeeze(1)
-        greedy = torch.tensor([p.temperature <= 0 for p in params], device=logits.device)
-        tokens = torch.where(greedy, order[:, 0], tokens)
+        tokens = torch.where(p["greedy"], order[:, 0], order.gather(1, picked).squeeze(1))
         forced = torch.full_like(scores, float("-inf"))
-        forced[torch.arange(rows, device=logits.device), tokens] = 0.0
+        forced[p["rows"], tokens] = 0.0
         return forced
 
-    def done(self, r: int, generated: Sequence[int]) -> bool:
+    def done(self, r: int, count: int, last: int | None, recent: Callable[[], list[int]]) -> bool:
+        """Whether row ``r`` is finished after ``count`` generated tokens, the last one ``last``.
+
+        ``recent`` gives the last few generated ids; it is called only for rows with stop strings,
+        so a step never copies whole sequences out of the tensor.
+        """
         item = self.items[r]
-        if item.cancelled or self.stopping.is_set() or len(generated) >= item.request.max_tokens:
+        if item.cancelled or self.stopping.is_set() or count >= item.request.max_tokens:
             return True
-        if generated and generated[-1] in self.eos:
+        if last is not None and last in self.eos:
             return True
         stops = item.request.sampling.stop
         if stops:
             with self.lock:
-                text = self.tokenizer.decode(list(generated[-64:]), skip_special_tokens=False)
+                text = self.tokenizer.decode(recent(), skip_special_tokens=False)
             if any(stop in text for stop in stops):
-                self.stopped_by_string[r] = len(generated)
                 return True
         return False
 
@@ -431,6 +443,13 @@ class _Stopper:
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         torch = self.state.torch
         width = self.state.width
-        flags = [self.state.done(r, input_ids[r, width:].tolist()) for r in range(input_ids.shape[0])]
+        count = input_ids.shape[1] - width
+        lasts = input_ids[:, -1].tolist() if count > 0 else [None] * input_ids.shape[0]
+        start = max(width, input_ids.shape[1] - 64)
+
+        def recent(r: int) -> Callable[[], list[int]]:
+            return lambda: list(input_ids[r, start:].tolist())
+
+        flags = [self.state.done(r, count, lasts[r], recent(r)) for r in range(input_ids.shape[0])]
         return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
