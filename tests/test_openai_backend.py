@@ -182,6 +182,16 @@ async def test_dead_replica_is_taken_out_and_the_others_carry_on(fault):
     assert not status[dead]["healthy"] and status[dead]["served"] == 0
 
 
+async def test_a_retry_goes_to_another_replica_than_the_one_that_failed(fault):
+    broken = FaultServer(faults=lambda body: ["503"] * 100)
+    with serve_app(broken.app()) as bad:
+        backend = OpenAIBackend([f"{bad}/v1", fault.url], model="m",
+                                retry=RetryPolicy(max_attempts=3, initial_backoff=0.01, eject_after=100))
+        result = await MarkovianRSA(backend, SMALL).solve("p")
+    assert_complete(result, fault)
+    assert broken.calls and max(broken.calls.values()) == 1, "no request went back to the failing replica"
+
+
 async def test_load_is_spread_over_replicas_least_busy_first():
     servers = [FaultServer(delay=0.05), FaultServer(delay=0.05)]
     with serve_app(servers[0].app()) as a, serve_app(servers[1].app()) as b:

@@ -183,9 +183,13 @@ class OpenAIBackend:
             self._semaphores[loop] = asyncio.Semaphore(self.max_concurrency)
         return self._semaphores[loop]
 
-    def _pick(self) -> _Endpoint:
+    def _pick(self, avoid: _Endpoint | None = None) -> _Endpoint:
+        """The least busy live endpoint; a retry goes elsewhere than ``avoid`` (where it just failed)
+        whenever another live endpoint exists."""
         now = time.monotonic()
-        live = [e for e in self._endpoints if e.down_until <= now]
+        live = [e for e in self._endpoints if e.down_until <= now and e is not avoid] or [
+            e for e in self._endpoints if e.down_until <= now
+        ]
         pool = live or [min(self._endpoints, key=lambda e: e.down_until)]
         return min(pool, key=lambda e: (e.in_flight, e.served))
 
@@ -304,8 +308,9 @@ class OpenAIBackend:
         started = time.monotonic()
         last = "no attempt was made"
         attempt = 0
+        failed: _Endpoint | None = None
         for attempt in range(max_attempts):
-            endpoint = self._pick()
+            endpoint = self._pick(avoid=failed)
             wait: float | None = None
             async with self._semaphore():
                 endpoint.in_flight += 1
@@ -313,6 +318,7 @@ class OpenAIBackend:
                     data = parse(await self._post_once(endpoint, path, body, root=root))
                 except _Transient as exc:
                     last = f"{endpoint.url}: {exc}"
+                    failed = endpoint
                     wait = exc.retry_after
                     endpoint.consecutive_failures += 1
                     if endpoint.consecutive_failures >= policy.eject_after and len(self._endpoints) > 1:
