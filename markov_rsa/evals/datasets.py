@@ -49,6 +49,11 @@ class Problem:
     def kind(self) -> Literal["math", "code"]:
         return "code" if self.task.startswith("lcb") else "math"
 
+    @property
+    def integer_answers(self) -> bool:
+        """AIME answers are integers 0-999 and are graded as integers."""
+        return self.task in MATH_SETS and MATH_SETS[self.task].integer_answers
+
 
 @dataclass(frozen=True)
 class MathSet:

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from markov_rsa.backends.base import Backend
 from markov_rsa.errors import BackendRequestError, ConfigError
-from markov_rsa.evals.datasets import MATH_SETS, Problem
+from markov_rsa.evals.datasets import Problem
 from markov_rsa.evals.grading.code import CodeGrader
 from markov_rsa.evals.grading.math import MathGrader
 from markov_rsa.evals.metrics import RoundScore, round_score
@@ -121,8 +121,7 @@ class PublicTests:
 def engine_task(problem: Problem, public: PublicTests | None) -> Task:
     if problem.kind == "code":
         return CodeTask(prompts=CODE_V1, scorer=public.score if public else None)
-    integer = MATH_SETS[problem.task].integer_answers if problem.task in MATH_SETS else False
-    return MathTask(prompts=AIME_V1 if integer else MATH_V1)
+    return MathTask(prompts=AIME_V1 if problem.integer_answers else MATH_V1)
 
 
 def problem_text(problem: Problem) -> str:
@@ -201,8 +200,7 @@ class Evaluation:
         if public is not None:
             return await public.grade(candidate.answer)
         assert self.math is not None and problem.answer is not None
-        integer = MATH_SETS[problem.task].integer_answers if problem.task in MATH_SETS else False
-        return await self.math.grade(candidate.answer, problem.answer, integer)
+        return await self.math.grade(candidate.answer, problem.answer, problem.integer_answers)
 
     async def _solve(self, problem: Problem, repeat: int, log: _Log) -> dict[str, Any]:
         attempt = uuid.uuid4().hex
