@@ -245,8 +245,10 @@ class _Reply:
 
 
 def _message(text: str, reasoning: str | None) -> dict[str, Any]:
+    """A chat message; ``reasoning_content`` only when the model reasoned apart from its answer (a model
+    without a think block has one trace, which the engine reports as both)."""
     message: dict[str, Any] = {"role": "assistant", "content": text}
-    if reasoning:
+    if reasoning and reasoning != text:
         message["reasoning_content"] = reasoning
     return message
 
@@ -254,7 +256,7 @@ def _message(text: str, reasoning: str | None) -> dict[str, Any]:
 def reply_from_result(result: RSAResult, metadata: bool) -> _Reply:
     if result.config.final == "population":
         choices = [
-            {"index": i, "message": _message(c.text, c.reasoning if c.reasoning != c.text else None),
+            {"index": i, "message": _message(c.text, c.reasoning),
              "finish_reason": "length" if c.finish_reason == "length" else "stop"}
             for i, c in enumerate(result.population)
         ]
@@ -263,8 +265,7 @@ def reply_from_result(result: RSAResult, metadata: bool) -> _Reply:
             (c for r in result.rounds for c in r.candidates if result.selected == (c.round, c.index)), None
         )
         finish = "length" if chosen is not None and chosen.finish_reason == "length" else "stop"
-        reasoning = result.reasoning if result.reasoning and result.reasoning != result.text else None
-        choices = [{"index": 0, "message": _message(result.text, reasoning), "finish_reason": finish}]
+        choices = [{"index": 0, "message": _message(result.text, result.reasoning), "finish_reason": finish}]
     usage = _usage(result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.reasoning_tokens)
     return _Reply(choices, usage, {"rsa_metadata": rsa_metadata(result)} if metadata else {})
 
@@ -285,8 +286,8 @@ class ChatHandler:
         p = self.parsed
         gen = await self.settings.backend.generate(GenerationRequest(p.messages, p.max_tokens, p.sampling))
         split = split_reasoning(gen)
-        text = split.answer if (gen.reasoning is not None or "</think>" in gen.text) else gen.text
-        reasoning = split.reasoning if (gen.reasoning is not None or "</think>" in gen.text) else None
+        reasoned = gen.reasoning is not None or "</think>" in gen.text
+        text, reasoning = (split.answer, split.reasoning) if reasoned else (gen.text, None)
         choice = {"index": 0, "message": _message(text, reasoning), "finish_reason": gen.finish_reason}
         return _Reply([choice], _usage(gen.prompt_tokens, gen.completion_tokens, gen.reasoning_tokens or 0), {})
 
