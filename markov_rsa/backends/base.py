@@ -15,6 +15,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 Message = dict[str, str]
 FinishReason = Literal["stop", "length", "error"]
 TokenizerKind = Literal["exact", "approximate"]
+#: Characters per token where no tokenizer is available; results then say counts were approximate.
+APPROX_CHARS_PER_TOKEN = 4
 
 
 @dataclass(frozen=True)

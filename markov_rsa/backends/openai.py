@@ -25,7 +25,14 @@ from typing import Any, Literal
 
 import httpx
 
-from markov_rsa.backends.base import BackendInfo, FinishReason, Generation, GenerationRequest, TokenizerKind
+from markov_rsa.backends.base import (
+    APPROX_CHARS_PER_TOKEN,
+    BackendInfo,
+    FinishReason,
+    Generation,
+    GenerationRequest,
+    TokenizerKind,
+)
 from markov_rsa.errors import (
     AuthenticationError,
     BackendRequestError,
@@ -281,7 +288,7 @@ class OpenAIBackend:
         details = usage.get("completion_tokens_details") or {}
         completion = usage.get("completion_tokens")
         if completion is None:
-            completion = -(-len(text + (reasoning or "")) // 4)
+            completion = -(-len(text + (reasoning or "")) // APPROX_CHARS_PER_TOKEN)
         return Generation(
             text=text,
             finish_reason=finish,

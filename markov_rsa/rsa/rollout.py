@@ -11,10 +11,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from markov_rsa.backends.base import Backend, Generation, GenerationRequest, Message, SamplingParams
+from markov_rsa.backends.base import (
+    APPROX_CHARS_PER_TOKEN,
+    Backend,
+    Generation,
+    GenerationRequest,
+    Message,
+    SamplingParams,
+)
 from markov_rsa.rsa.config import RSAConfig
 from markov_rsa.rsa.result import Usage
-from markov_rsa.rsa.tails import APPROX_CHARS_PER_TOKEN
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from markov_rsa.backends.base import Backend, Generation
+from markov_rsa.backends.base import APPROX_CHARS_PER_TOKEN, Backend, Generation
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
-#: Used only when a backend has no tokenizer at all; results then say tails were approximate.
-APPROX_CHARS_PER_TOKEN = 4
 
 
 @dataclass(frozen=True)
