@@ -35,7 +35,7 @@ def test_solve_on_embedded_model_prints_answer_table_and_json(demo_dir):
     assert all(c["usage"]["completion_tokens"] <= 24 for r in result["rounds"] for c in r["candidates"])
     assert all(c["tail_tokens"] <= 12 for r in result["rounds"] for c in r["candidates"])
     assert result["config"]["preset"] == "demo" and result["backend"]["device"] == "cpu"
-    assert result["prompts"]["name"] == "math" and result["prompts"]["version"] == "1"
+    assert result["prompts"]["name"] == "math" and result["prompts"]["version"] == "2"
 
 
 def test_solve_reads_stdin_and_quiet_prints_only_the_answer(demo_dir):

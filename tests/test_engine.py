@@ -80,8 +80,8 @@ async def test_parents_recorded_match_tails_in_prompt():
     result = await run(backend, rounds=1)
     by_index = {r.tags["index"]: r for r in backend.requests if r.tags["round"] == 1}
     for cand in result.rounds[1].candidates:
-        origins = sorted(int(c) for _, c in MARK.findall(prompt_of(by_index[cand.index])))
-        assert origins == cand.parents
+        origins = [int(c) for _, c in MARK.findall(prompt_of(by_index[cand.index]))]
+        assert origins == cand.parents, "parents are recorded in the order the prompt presents them"
 
 
 def test_subsets_are_uniform_without_replacement():

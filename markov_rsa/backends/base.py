@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 Message = dict[str, str]
-FinishReason = Literal["stop", "length", "error"]
+#: ``stop``, ``length`` and ``tool_calls`` end a generation normally; anything else a server reports
+#: (``abort``, ``content_filter``...) is kept as it came, and the engine treats it as a failure.
+FinishReason = str
+NORMAL_FINISH: frozenset[str] = frozenset({"stop", "length", "tool_calls"})
 TokenizerKind = Literal["exact", "approximate"]
 #: Characters per token where no tokenizer is available; results then say counts were approximate.
 APPROX_CHARS_PER_TOKEN = 4
@@ -21,6 +24,9 @@ APPROX_CHARS_PER_TOKEN = 4
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """Sampling of one request. Backends state every field to the server (``top_k=None`` as top-k
+    disabled), so no server default can stand in for the method's settings."""
+
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int | None = None

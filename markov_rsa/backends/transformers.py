@@ -428,7 +428,7 @@ class _RowState:
                     ids = list(self.tokenizer.encode(text, add_special_tokens=False))
         return Generation(
             text=text,
-            finish_reason=finish,  # type: ignore[arg-type]
+            finish_reason=finish,
             completion_tokens=len(ids),
             prompt_tokens=prompt_tokens,
             token_ids=tuple(ids),

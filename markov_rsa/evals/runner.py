@@ -29,7 +29,7 @@ from markov_rsa.evals.metrics import RoundScore, round_score
 from markov_rsa.rsa.config import RSAConfig
 from markov_rsa.rsa.engine import MarkovianRSA, derive_seed
 from markov_rsa.rsa.events import CandidateFinished, RunFinished
-from markov_rsa.rsa.prompts import AIME_V1, CODE_PROBLEM_VERSION, CODE_V1, MATH_V1, code_problem_text
+from markov_rsa.rsa.prompts import CODE_PROBLEM_VERSION, code_problem_text, prompt_set
 from markov_rsa.rsa.result import Candidate, RSAResult
 from markov_rsa.rsa.tasks import CodeTask, MathTask, Task
 
@@ -118,10 +118,10 @@ class PublicTests:
         return not p.private_tests or (await self.code.run_tests(program, p.private_tests, p.func_name)).all_passed
 
 
-def engine_task(problem: Problem, public: PublicTests | None) -> Task:
+def engine_task(problem: Problem, public: PublicTests | None, prompt_version: str | None = None) -> Task:
     if problem.kind == "code":
-        return CodeTask(prompts=CODE_V1, scorer=public.score if public else None)
-    return MathTask(prompts=AIME_V1 if problem.integer_answers else MATH_V1)
+        return CodeTask(prompts=prompt_set("code", prompt_version), scorer=public.score if public else None)
+    return MathTask(prompts=prompt_set("aime" if problem.integer_answers else "math", prompt_version))
 
 
 def problem_text(problem: Problem) -> str:
@@ -154,7 +154,9 @@ class Evaluation:
             info = self.backend.info
             run_file.write_text(json.dumps({
                 **identity, "backend": {"kind": info.kind, "model": info.model, "device": info.device},
-                "prompts": {"math": MATH_V1.version, "aime": AIME_V1.version, "code": CODE_V1.version,
+                "prompts": {**{name: {"version": ps.version, "fingerprint": ps.fingerprint}
+                               for name in ("math", "aime", "code")
+                               for ps in [prompt_set(name, self.spec.config.prompt_version)]},
                             "code_problem": CODE_PROBLEM_VERSION},
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }, indent=2), encoding="utf-8")
@@ -206,7 +208,7 @@ class Evaluation:
         attempt = uuid.uuid4().hex
         config = self.spec.config.replace(seed=self._seed(problem, repeat))
         public = PublicTests(self.code, problem) if problem.kind == "code" and self.code else None
-        task = engine_task(problem, public)
+        task = engine_task(problem, public, config.prompt_version)
         engine = MarkovianRSA(self.backend, config, task=task)
         graded: dict[tuple[int, int], bool] = {}
         pending: list[asyncio.Task[None]] = []

@@ -1,14 +1,18 @@
 """Answer extraction and majority voting.
 
-The engine votes on normalised strings so it needs no symbolic-math stack; the evaluation harness
-grades with symbolic equivalence separately. Normalisation only removes differences that never
-change a value (spacing, ``\\left``/``\\right``, ``\\dfrac``, leading zeros of integers).
+The engine votes on canonical keys so it needs no symbolic-math stack: normalisation removes
+differences that never change a value (spacing, ``\\left``/``\\right``, ``\\dfrac``, leading zeros,
+braces around one-character arguments such as ``\\sqrt3``), and every rational number, however it
+is written (``\\frac12``, ``1/2``, ``0.5``), becomes one exact fraction. So answers the math grader
+deems equal vote together. A caller with a full equivalence test (the evaluation harness's math
+grader) can pass it as ``same`` to merge what the keys leave apart.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from fractions import Fraction
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)```", re.DOTALL)
@@ -44,6 +48,26 @@ _DROP = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\:|\\ |\$|\s+")
 _TEXT = re.compile(r"\\(?:text|mathrm|textbf|mathbf)\{([^{}]*)\}")
 _INT = re.compile(r"[+-]?\d+")
 _DEC = re.compile(r"[+-]?\d*\.\d+")
+_THOUSANDS = re.compile(r"[+-]?\d{1,3}(,\d{3})+")
+#: ``\frac12``, ``\frac1{2}``, ``\sqrt3``: one-character arguments get their braces.
+_SHORT_ARG = re.compile(r"\\(frac|sqrt)(?![a-zA-Z])(\d|[a-zA-Z])")
+_SHORT_FRAC_SECOND = re.compile(r"\\frac(\{(?:[^{}]|\{[^{}]*\})*\})(\d|[a-zA-Z])")
+_FRAC = re.compile(r"([+-]?)\\frac\{([+-]?\d+)\}\{([+-]?\d+)\}")
+_SLASH = re.compile(r"([+-]?\d+)/([+-]?\d+)")
+
+
+def _rational(s: str) -> Fraction | None:
+    """The exact value of an integer, decimal or simple fraction written any usual way, else None."""
+    if _INT.fullmatch(s) or _DEC.fullmatch(s):
+        return Fraction(s)
+    for pattern in (_FRAC, _SLASH):
+        match = pattern.fullmatch(s)
+        if match:
+            groups = match.groups()
+            sign = -1 if len(groups) == 3 and groups[0] == "-" else 1
+            num, den = int(groups[-2]), int(groups[-1])
+            return sign * Fraction(num, den) if den else None
+    return None
 
 
 def normalize_answer(answer: str) -> str:
@@ -52,28 +76,35 @@ def normalize_answer(answer: str) -> str:
     s = _DROP.sub("", s).rstrip(".")
     if s.startswith("{") and s.endswith("}") and s.count("{") == 1:
         s = s[1:-1]
-    if _INT.fullmatch(s.replace(",", "")) and (s.count(",") == 0 or re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+", s)):
-        return str(int(s.replace(",", "")))
-    if _DEC.fullmatch(s):
-        value = float(s)
-        return str(int(value)) if value.is_integer() else repr(value)
+    s = _SHORT_ARG.sub(r"\\\1{\2}", s)
+    s = _SHORT_FRAC_SECOND.sub(r"\\frac\1{\2}", s)
+    if _THOUSANDS.fullmatch(s):  # only well-formed thousands separators: 1,000 is 1000, 3,4 stays 3,4
+        s = s.replace(",", "")
+    value = _rational(s)
+    if value is not None:
+        return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
     return s
 
 
-def majority(answers: Sequence[str | None]) -> tuple[int | None, int]:
+def majority(answers: Sequence[str | None], same: Callable[[str, str], bool] | None = None) -> tuple[int | None, int]:
     """Index of the winning candidate and its vote count.
 
-    Candidates without an answer do not vote. Ties go to the answer that appeared first in the
+    Candidates without an answer do not vote. Answers with the same canonical key vote together,
+    and so do keys that ``same`` deems equal. Ties go to the answer that appeared first in the
     population, so the result depends only on the population, never on dict or set ordering.
     """
     counts: dict[str, int] = {}
     first: dict[str, int] = {}
+    raw: dict[str, str] = {}
     for i, answer in enumerate(answers):
         if answer is None:
             continue
         key = normalize_answer(answer)
+        if key not in counts and same is not None:
+            key = next((k for k in counts if same(raw[k], answer)), key)
         counts[key] = counts.get(key, 0) + 1
         first.setdefault(key, i)
+        raw.setdefault(key, answer)
     if not counts:
         return None, 0
     best = min(counts, key=lambda key: (-counts[key], first[key]))

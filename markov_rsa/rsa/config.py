@@ -18,10 +18,15 @@ from markov_rsa.errors import ConfigError
 TailSource = Literal["reasoning", "answer", "hybrid"]
 FinalMode = Literal["majority", "aggregate", "population"]
 TaskName = Literal["math", "code", "generic"]
+#: How ``chunk_size`` (C) is read: ``new`` gives every chunk C new tokens; ``context`` treats C as a
+#: chunk's whole reasoning context as Delethink's reference code does (the first chunk generates C
+#: tokens, later ones C − m, since m carried tokens already fill the rest).
+ChunkMode = Literal["new", "context"]
 
 TAIL_SOURCES: tuple[str, ...] = get_args(TailSource)
 FINAL_MODES: tuple[str, ...] = get_args(FinalMode)
 TASKS: tuple[str, ...] = get_args(TaskName)
+CHUNK_MODES: tuple[str, ...] = get_args(ChunkMode)
 
 
 @dataclass(frozen=True)
@@ -31,7 +36,11 @@ class RSAConfig:
     Round 0 draws ``population`` independent rollouts of at most ``budget`` new tokens. Each of the
     ``rounds`` aggregation rounds then regenerates the population from prompts holding ``k`` tails,
     each the last ``tail`` model tokens of a candidate of the previous round. ``rounds=0`` is
-    parallel sampling, ``tail == budget`` is full-chain RSA, ``k=1`` is bounded continuation.
+    parallel sampling, ``tail == budget`` is full-chain RSA, ``k=1`` is bounded continuation (child
+    i continues parent i, so every lineage lives on).
+
+    ``final_budget`` is the max new tokens of the last stage (round T, or the final aggregation
+    when ``final="aggregate"``); the ZAYA1-8B report gives it 40K whatever β is.
     """
 
     population: int = 16
@@ -39,11 +48,14 @@ class RSAConfig:
     rounds: int = 2
     budget: int = 16384
     tail: int = 4096
+    #: Max new tokens of the last stage; ``None`` means ``budget``.
+    final_budget: int | None = None
     # Fixed-length chunked rollouts (Delethink); ``chunk_size=None`` means one generation per rollout.
     chunk_size: int | None = None
     carryover: int | None = None
     max_chunks: int | None = None
     keep_head: int = 0
+    chunk_mode: ChunkMode = "new"
     tail_source: TailSource = "reasoning"
     final: FinalMode = "majority"
     final_n: int = 1
@@ -55,6 +67,8 @@ class RSAConfig:
     final_top_k: int | None = None
     seed: int | None = None
     task: TaskName = "math"
+    #: Prompt-set version (``None``: the current one); results record name, version and fingerprint.
+    prompt_version: str | None = None
     # Per-run limits: when either is reached the run ends with the best answer so far and says so.
     token_budget: int | None = None
     time_limit: float | None = None
@@ -100,7 +114,18 @@ class RSAConfig:
             return 1
         if self.max_chunks is not None:
             return self.max_chunks
+        if self.chunk_mode == "context" and self.budget > self.chunk_size:
+            return 1 + math.ceil((self.budget - self.chunk_size) / (self.chunk_size - (self.carryover or 0)))
         return max(1, math.ceil(self.budget / self.chunk_size))
+
+    @property
+    def aggregates(self) -> bool:
+        """Whether any stage aggregates candidates (only then does ``k`` matter)."""
+        return self.rounds > 0 or self.final == "aggregate"
+
+    @property
+    def last_stage_budget(self) -> int:
+        return self.final_budget if self.final_budget is not None else self.budget
 
     @property
     def generations(self) -> int:
@@ -122,6 +147,7 @@ def _positive_int(cfg: RSAConfig, name: str, *, allow_none: bool = False, minimu
 def _validate(cfg: RSAConfig) -> None:
     for name in ("population", "k", "budget", "tail", "final_n"):
         _positive_int(cfg, name)
+    _positive_int(cfg, "final_budget", allow_none=True)
     _positive_int(cfg, "rounds", minimum=0)
     _positive_int(cfg, "keep_head", minimum=0)
     _positive_int(cfg, "candidate_retries", minimum=0)
@@ -130,24 +156,32 @@ def _validate(cfg: RSAConfig) -> None:
     _positive_int(cfg, "carryover", allow_none=True, minimum=0)
     if cfg.seed is not None and (isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0):
         raise ConfigError("seed", f"must be a non-negative integer, got {cfg.seed!r}")
-    if cfg.k > cfg.population:
+    if cfg.k > cfg.population and cfg.aggregates:
         raise ConfigError("k", f"aggregation set size ({cfg.k}) must not exceed population ({cfg.population})")
     if cfg.tail > cfg.budget:
         raise ConfigError("tail", f"tail ({cfg.tail}) must not exceed the per-rollout budget ({cfg.budget})")
     for name in ("temperature", "final_temperature"):
         value = getattr(cfg, name)
-        if value is not None and (not isinstance(value, (int, float)) or value < 0 or math.isnan(value)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0):
             raise ConfigError(name, f"must be a number >= 0, got {value!r}")
     for name in ("top_p", "final_top_p"):
         value = getattr(cfg, name)
-        if value is not None and (not isinstance(value, (int, float)) or not 0 < value <= 1):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value <= 1):
             raise ConfigError(name, f"must be in (0, 1], got {value!r}")
-    if cfg.time_limit is not None and (not isinstance(cfg.time_limit, (int, float)) or cfg.time_limit <= 0):
+    if cfg.time_limit is not None and (isinstance(cfg.time_limit, bool) or not isinstance(cfg.time_limit, (int, float))
+                                       or not math.isfinite(cfg.time_limit) or cfg.time_limit <= 0):
         raise ConfigError("time_limit", f"must be a positive number of seconds, got {cfg.time_limit!r}")
-    for name, allowed in (("tail_source", TAIL_SOURCES), ("final", FINAL_MODES), ("task", TASKS)):
+    if cfg.prompt_version is not None and not isinstance(cfg.prompt_version, str):
+        raise ConfigError("prompt_version", f"must be a version string such as '2', got {cfg.prompt_version!r}")
+    for name, allowed in (("tail_source", TAIL_SOURCES), ("final", FINAL_MODES), ("task", TASKS),
+                          ("chunk_mode", CHUNK_MODES)):
         if getattr(cfg, name) not in allowed:
             raise ConfigError(name, f"must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     if cfg.chunk_size is None:
+        if cfg.chunk_mode != "new":
+            raise ConfigError("chunk_mode", "only applies to chunked rollouts; set chunk_size as well")
         for name in ("carryover", "max_chunks"):
             if getattr(cfg, name) is not None:
                 raise ConfigError(name, "only applies to chunked rollouts; set chunk_size as well")
@@ -176,23 +210,23 @@ def _presets(*items: Preset) -> dict[str, Preset]:
 PRESETS: Mapping[str, Preset] = _presets(
     Preset(
         "zaya-16k",
-        "ZAYA1-8B report's recommended deployment: N16 K4 T2, β=16K, τ=4K",
-        {"population": 16, "k": 4, "rounds": 2, "budget": 16384, "tail": 4096},
+        "ZAYA1-8B report's recommended deployment: N16 K4 T2, β=16K, τ=4K, final budget 40K",
+        {"population": 16, "k": 4, "rounds": 2, "budget": 16384, "tail": 4096, "final_budget": 40960},
     ),
     Preset(
         "zaya-40k",
-        "ZAYA1-8B report's headline setting: N16 K4 T2, β=40K, τ=4K",
-        {"population": 16, "k": 4, "rounds": 2, "budget": 40960, "tail": 4096},
+        "ZAYA1-8B report's headline setting: N16 K4 T2, β=40K, τ=4K, final budget 40K",
+        {"population": 16, "k": 4, "rounds": 2, "budget": 40960, "tail": 4096, "final_budget": 40960},
     ),
     Preset(
         "light",
-        "cheaper Markovian RSA: N8 K4 T2, β=8K, τ=4K",
-        {"population": 8, "k": 4, "rounds": 2, "budget": 8192, "tail": 4096},
+        "the report's lightweight setting: N8 K4 T2, β=8K, τ=4K, final budget 40K",
+        {"population": 8, "k": 4, "rounds": 2, "budget": 8192, "tail": 4096, "final_budget": 40960},
     ),
     Preset(
         "apex-high",
-        "long recursion: N16 K4 T8, β=16K, τ=4K",
-        {"population": 16, "k": 4, "rounds": 8, "budget": 16384, "tail": 4096},
+        "long recursion: N16 K4 T8, β=16K, τ=4K, final budget 40K",
+        {"population": 16, "k": 4, "rounds": 8, "budget": 16384, "tail": 4096, "final_budget": 40960},
     ),
     Preset(
         "rsa-paper",
@@ -201,10 +235,10 @@ PRESETS: Mapping[str, Preset] = _presets(
     ),
     Preset(
         "delethink",
-        "one Delethink-style chunked rollout: C=8K chunks, m=4K carried, at most 5 chunks",
+        "one Delethink rollout (24K): C=8K context per chunk, m=4K carried, first 100 tokens kept, 5 chunks",
         {
-            "population": 1, "k": 1, "rounds": 0, "budget": 40960, "tail": 4096,
-            "chunk_size": 8192, "carryover": 4096, "max_chunks": 5,
+            "population": 1, "k": 1, "rounds": 0, "budget": 24576, "tail": 4096,
+            "chunk_size": 8192, "carryover": 4096, "max_chunks": 5, "keep_head": 100, "chunk_mode": "context",
         },
     ),
     Preset(

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from markov_rsa.backends.base import Backend, Message, SamplingParams
+from markov_rsa.backends.base import NORMAL_FINISH, Backend, Message, SamplingParams
 from markov_rsa.errors import BackendError, BackendRequestError, BackendUnavailableError
 from markov_rsa.rsa.answers import majority
 from markov_rsa.rsa.config import RSAConfig
@@ -32,10 +34,12 @@ from markov_rsa.rsa.events import (
     RunFinished,
     RunStarted,
 )
-from markov_rsa.rsa.result import Candidate, RoundKind, RoundRecord, RSAResult, StopReason, Usage
+from markov_rsa.rsa.result import Candidate, RoundKind, RoundRecord, RSAResult, Selection, StopReason, Usage
 from markov_rsa.rsa.rollout import rollout
 from markov_rsa.rsa.tails import carried_text, last_tokens, split_reasoning
 from markov_rsa.rsa.tasks import Task, task_for
+
+logger = logging.getLogger(__name__)
 
 
 def derive_seed(*parts: int) -> int:
@@ -44,15 +48,26 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0]) & 0x7FFFFFFF
 
 
-def sample_subsets(seed: int, round_index: int, available: int, population: int, k: int) -> list[list[int]]:
+def sample_subsets(
+    seed: int, round_index: int, available: int, population: int, k: int, *, ordered: bool = True
+) -> list[list[int]]:
     """For each of ``population`` new candidates, ``k`` distinct indices into the previous round.
 
     Uniform without replacement; when fewer than ``k`` candidates of the previous round survived,
-    each subset holds all of them.
+    each subset holds all of them. ``ordered=False`` keeps the seeded random order in which they
+    were drawn (the order the prompt presents them in).
     """
     rng = np.random.default_rng(np.random.SeedSequence([seed, round_index]))
     size = min(k, available)
-    return [sorted(int(i) for i in rng.choice(available, size=size, replace=False)) for _ in range(population)]
+    subsets = [[int(i) for i in rng.choice(available, size=size, replace=False)] for _ in range(population)]
+    return [sorted(s) for s in subsets] if ordered else subsets
+
+
+def lineage_parents(previous: Sequence[Candidate], count: int) -> list[list[int]]:
+    """K=1: child i continues parent i, so no lineage dies; a failed parent's child continues a
+    survivor (positions into ``previous``, cycling deterministically)."""
+    position = {c.index: p for p, c in enumerate(previous)}
+    return [[position.get(i, i % len(previous))] for i in range(count)]
 
 
 class _LimitReached(Exception):
@@ -85,7 +100,7 @@ class MarkovianRSA:
     def __init__(self, backend: Backend, config: RSAConfig | None = None, *, task: Task | None = None) -> None:
         self.backend = backend
         self.config = config or RSAConfig()
-        self.task = task or task_for(self.config.task)
+        self.task = task or task_for(self.config.task, self.config.prompt_version)
 
     async def solve(self, problem: str) -> RSAResult:
         async with contextlib.aclosing(self.stream(problem)) as events:
@@ -105,14 +120,18 @@ class MarkovianRSA:
         exact = self.backend.info.tokenizer == "exact"
         try:
             previous: list[Candidate] = []
+            aggregate = cfg.final == "aggregate"
             for t in range(cfg.rounds + 1):
                 kind: RoundKind = "initial" if t == 0 else "aggregate"
-                async with contextlib.aclosing(self._round(run, t, kind, previous, cfg.population, exact)) as it:
+                budget = cfg.last_stage_budget if t == cfg.rounds and not aggregate else cfg.budget
+                stage = self._round(run, t, kind, previous, cfg.population, exact, budget)
+                async with contextlib.aclosing(stage) as it:
                     async for event in it:
                         yield event
                 previous = [c for c in run.rounds[-1].candidates if c.ok]
-            if cfg.final == "aggregate":
-                final = self._round(run, cfg.rounds + 1, "final", previous, cfg.final_n, exact)
+            if aggregate:
+                final = self._round(run, cfg.rounds + 1, "final", previous, cfg.final_n, exact,
+                                    cfg.last_stage_budget)
                 async with contextlib.aclosing(final) as it:
                     async for event in it:
                         yield event
@@ -122,17 +141,22 @@ class MarkovianRSA:
 
     # -- one stage ----------------------------------------------------------------------------
     async def _round(
-        self, run: _Run, t: int, kind: RoundKind, previous: Sequence[Candidate], count: int, exact: bool
+        self, run: _Run, t: int, kind: RoundKind, previous: Sequence[Candidate], count: int, exact: bool,
+        budget: int,
     ) -> AsyncGenerator[Event, None]:
         cfg = self.config
-        record = RoundRecord(index=t, kind=kind)
+        record = RoundRecord(index=t, kind=kind, requested=count, budget=budget)
         run.rounds.append(record)
         started = time.perf_counter()
         plans: list[tuple[tuple[int, ...], tuple[Message, ...]]]
         if kind == "initial":
             plans = [((), self.task.prompts.initial_messages(run.problem)) for _ in range(count)]
         else:
-            subsets = sample_subsets(run.seed, t, len(previous), count, cfg.k)
+            if cfg.k == 1:
+                subsets = lineage_parents(previous, count)
+            else:
+                subsets = sample_subsets(run.seed, t, len(previous), count, cfg.k,
+                                         ordered=not self.task.prompts.shuffle)
             plans = [
                 (
                     tuple(previous[j].index for j in subset),
@@ -142,7 +166,7 @@ class MarkovianRSA:
             ]
         yield RoundStarted(round=t, round_kind=kind, requests=count)
         tasks = [
-            asyncio.create_task(self._candidate(run, t, i, kind, parents, messages, exact))
+            asyncio.create_task(self._candidate(run, t, i, kind, parents, messages, exact, budget))
             for i, (parents, messages) in enumerate(plans)
         ]
         try:
@@ -207,10 +231,12 @@ class MarkovianRSA:
         parents: tuple[int, ...],
         messages: tuple[Message, ...],
         exact: bool,
+        budget: int,
     ) -> Candidate:
         cfg = self.config
         candidate = Candidate(round=t, index=i, parents=list(parents))
         error: BackendError | None = None
+        spent = Usage()  # every attempt's tokens were paid for
         for attempt in range(cfg.candidate_retries + 1):
 
             def sampling(chunk: int, attempt: int = attempt) -> SamplingParams:
@@ -223,47 +249,83 @@ class MarkovianRSA:
                     cfg,
                     sampling,
                     exact_tokens=exact,
+                    budget=budget,
                     tags={"round": t, "index": i, "attempt": attempt},
                 )
             except BackendRequestError:
                 raise
             except BackendError as exc:
                 error = exc
+                logger.debug("round %d candidate %d attempt %d failed: %s", t, i, attempt, exc)
+                continue
+            spent.add(out.usage)
+            finish = out.generation.finish_reason
+            if finish not in NORMAL_FINISH:
+                # abort, content_filter...: not a finished answer; retried like a failed request
+                candidate.finish_reason = finish
+                error = BackendUnavailableError(f"the server ended the generation with finish_reason {finish!r}")
+                logger.debug("round %d candidate %d attempt %d ended with %s", t, i, attempt, finish)
                 continue
             split = split_reasoning(out.generation)
             candidate.text = split.answer
             candidate.reasoning = split.reasoning
             candidate.finished = split.finished
-            candidate.finish_reason = out.generation.finish_reason
-            candidate.answer = self.task.extract_answer(split.answer) if split.answer else None
-            candidate.usage = out.usage
+            candidate.finish_reason = finish
+            # A rollout cut off inside its reasoning has no answer yet: an intermediate \boxed{} never votes.
+            candidate.answer = self.task.extract_answer(split.answer) if split.answer and split.finished else None
+            candidate.usage = spent
             candidate.chunks = out.chunks
             candidate.seconds = out.seconds
             carried = carried_text(split, cfg.tail_source)
             whole = carried == out.generation.text and out.generation.reasoning is None
-            candidate.tail, candidate.tail_tokens = await last_tokens(
-                self.backend, carried, cfg.tail, exact=exact,
-                known_tokens=out.generation.completion_tokens if whole and exact else None,
-            )
+            known = out.generation.completion_tokens if whole and exact and out.chunks == 1 else None
+            try:
+                candidate.tail, candidate.tail_tokens = await last_tokens(
+                    self.backend, carried, cfg.tail, exact=exact, known_tokens=known)
+            except BackendError as exc:  # the tokenizer failed: this tail is approximate, the run goes on
+                logger.warning("round %d candidate %d: cutting the tail failed (%s); using an approximate tail",
+                               t, i, exc)
+                candidate.tail, candidate.tail_tokens = await last_tokens(self.backend, carried, cfg.tail, exact=False)
+                candidate.tail_approximate = True
             return candidate
         candidate.error = str(error)
-        candidate.finish_reason = "error"
+        candidate.usage = spent
+        if candidate.finish_reason in NORMAL_FINISH:
+            candidate.finish_reason = "error"
         return candidate
 
     # -- final selection ----------------------------------------------------------------------
+    def _choose(self, run: _Run) -> tuple[list[Candidate], Selection]:
+        """The candidates that vote, and why those (see :data:`~markov_rsa.rsa.result.Selection`)."""
+        stages = [r for r in run.rounds if r.kind != "final"]
+        usable = [r for r in stages if any(c.ok for c in r.candidates)]
+        complete = [r for r in usable if r.complete]
+        pool_round = complete[-1] if complete else (usable[-1] if usable else None)
+        pool = [c for c in pool_round.candidates if c.ok] if pool_round else []
+        if self.config.final == "population":
+            return pool, "population"
+        if not pool:
+            return [], "none"
+        cut_short = not stages[-1].complete
+        if self.config.final == "aggregate" and not cut_short:
+            final = run.rounds[-1] if run.rounds[-1].kind == "final" else None
+            if final is not None and final.complete and any(c.ok and c.answer is not None for c in final.candidates):
+                return [c for c in final.candidates if c.ok], "final_aggregate"
+            return pool, "majority_after_final"
+        return pool, "last_complete_round" if pool_round is not stages[-1] else "majority"
+
     async def _finish(self, run: _Run, stop: StopReason, exact: bool) -> RSAResult:
         cfg = self.config
-        pool: list[Candidate] = []
-        for record in reversed(run.rounds):
-            pool = [c for c in record.candidates if c.ok]
-            if pool:
-                break
+        pool, selection = self._choose(run)
         chosen: Candidate | None = None
         votes = 0
-        if pool and cfg.final != "population":
+        if pool and selection != "population":
             position, votes = await self.task.select(pool)
             chosen = pool[position] if position is not None else pool[0]
         info = self.backend.info
+        sampling = {"rollout": self._stated(self._sampling(run, 0, 0, "initial", 0, 0))}
+        if cfg.final == "aggregate":
+            sampling["final"] = self._stated(self._sampling(run, 0, 0, "final", 0, 0))
         return RSAResult(
             problem=run.problem,
             answer=chosen.answer if chosen else None,
@@ -283,8 +345,14 @@ class MarkovianRSA:
             stop_reason=stop,
             selected=(chosen.round, chosen.index) if chosen else None,
             votes=votes,
-            tails_approximate=not exact,
+            tails_approximate=not exact or any(c.tail_approximate for r in run.rounds for c in r.candidates),
+            selection=selection,
+            sampling=sampling,
         )
+
+    @staticmethod
+    def _stated(params: SamplingParams) -> dict[str, Any]:
+        return {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
 
 
 def solve(

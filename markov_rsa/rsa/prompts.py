@@ -3,6 +3,13 @@
 Change wording only by adding a new version: old results must stay interpretable. Each prompt
 set has an initial prompt, an aggregation prompt for K >= 2 and one for K = 1 (a single earlier
 attempt is continued and checked rather than compared).
+
+Version 2 (the default) closes every aggregation prompt with the instruction, after the
+candidates, so the text right before the model's turn is what it must do rather than another
+solver's mid-thought reasoning; and it presents the K candidates in a seeded random order
+(``shuffle``), so no position in the prompt belongs to low or high indices in all N prompts.
+Version 1 (candidates sorted by index, instruction first) stays selectable with
+``prompt_version="1"``.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from markov_rsa.backends.base import Message
+from markov_rsa.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -23,11 +31,15 @@ class PromptSet:
     aggregate: str
     aggregate_single: str
     candidate: str
+    #: Present the K candidates in the sampled (random) order rather than sorted by index.
+    shuffle: bool = False
 
     @property
     def fingerprint(self) -> str:
-        text = "\x00".join((self.initial, self.aggregate, self.aggregate_single, self.candidate))
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        parts: tuple[str, ...] = (self.initial, self.aggregate, self.aggregate_single, self.candidate)
+        if self.shuffle:
+            parts += ("shuffle",)
+        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:12]
 
     def initial_messages(self, problem: str) -> tuple[Message, ...]:
         return ({"role": "user", "content": self.initial.format(problem=problem)},)
@@ -139,23 +151,132 @@ Task:
 Earlier response:
 {candidate}"""
 
+_MATH_AGGREGATE_V2 = """Solve the following problem. Below it are {count} candidate solutions written by \
+other solvers. Each candidate is only the final part of its author's reasoning, so it may start \
+mid-thought, and any of them may be wrong.
+
+Problem:
+{problem}
+
+Candidate solutions:
+
+{candidates}
+
+Now write one improved solution to the problem above. Merge the useful ideas of the candidates, \
+check their steps, and where they disagree decide which reasoning is correct. If all of them look \
+wrong, discard them and try a different strategy. Reason step by step, and end with your final \
+answer within \\boxed{{}}."""
+
+_MATH_SINGLE_V2 = """Solve the following problem. Below it is the final part of an earlier attempt at \
+it, which may start mid-thought and may contain mistakes.
+
+Problem:
+{problem}
+
+Earlier attempt:
+{candidate}
+
+Now continue from where the attempt leaves off: check its reasoning, fix what is wrong, and carry \
+it through to a complete solution of the problem above. If the approach is hopeless, start over \
+with a different strategy. Reason step by step, and end with your final answer within \\boxed{{}}."""
+
+_CODE_AGGREGATE_V2 = """Solve the following programming problem. Below it are {count} candidate \
+attempts by other solvers. Each candidate is only the final part of its author's reasoning and \
+code, so it may start mid-thought, and any of them may be wrong.
+
+Problem:
+{problem}
+
+Candidate attempts:
+
+{candidates}
+
+Now write one improved program for the problem above. Merge the useful ideas of the candidates, \
+check their logic against the problem's constraints and examples, and where they disagree decide \
+which approach is correct. If all of them look wrong, try a different approach. End with your \
+complete solution as one Python program in a single fenced code block (```python ... ```)."""
+
+_CODE_SINGLE_V2 = """Solve the following programming problem. Below it is the final part of an \
+earlier attempt at it, which may start mid-thought and may contain mistakes.
+
+Problem:
+{problem}
+
+Earlier attempt:
+{candidate}
+
+Now continue from where the attempt leaves off: check its logic against the problem's constraints \
+and examples, fix what is wrong, and finish with your complete solution as one Python program in a \
+single fenced code block (```python ... ```)."""
+
+_GENERIC_AGGREGATE_V2 = """Complete the following task. Below it are {count} candidate responses \
+written by other assistants. Each candidate is only the final part of its author's reasoning, so \
+it may start mid-thought, and any of them may be wrong.
+
+Task:
+{problem}
+
+Candidate responses:
+
+{candidates}
+
+Now write one improved response to the task above. Merge the useful ideas of the candidates, and \
+where they disagree decide which is correct. If all of them look wrong, take a different approach."""
+
+_GENERIC_SINGLE_V2 = """Complete the following task. Below it is the final part of an earlier \
+response to it, which may start mid-thought and may contain mistakes.
+
+Task:
+{problem}
+
+Earlier response:
+{candidate}
+
+Now continue from where it leaves off, fix what is wrong, and give a complete response to the task above."""
+
 MATH_V1 = PromptSet("math", "1", _MATH_INITIAL, _MATH_AGGREGATE, _MATH_SINGLE, _CANDIDATE)
 CODE_V1 = PromptSet("code", "1", _CODE_INITIAL, _CODE_AGGREGATE, _CODE_SINGLE, _CANDIDATE)
 GENERIC_V1 = PromptSet("generic", "1", _GENERIC_INITIAL, _GENERIC_AGGREGATE, _GENERIC_SINGLE, _CANDIDATE)
 
+MATH_V2 = PromptSet("math", "2", _MATH_INITIAL, _MATH_AGGREGATE_V2, _MATH_SINGLE_V2, _CANDIDATE, shuffle=True)
+CODE_V2 = PromptSet("code", "2", _CODE_INITIAL, _CODE_AGGREGATE_V2, _CODE_SINGLE_V2, _CANDIDATE, shuffle=True)
+GENERIC_V2 = PromptSet("generic", "2", _GENERIC_INITIAL, _GENERIC_AGGREGATE_V2, _GENERIC_SINGLE_V2, _CANDIDATE,
+                       shuffle=True)
+
 _AIME_NOTE = "The answer is an integer from 0 to 999 inclusive. "
-AIME_V1 = PromptSet(
-    "aime", "1",
-    _MATH_INITIAL.replace("Reason step by step,", _AIME_NOTE + "Reason step by step,"),
-    _MATH_AGGREGATE.replace("Reason step by step,", _AIME_NOTE + "Reason step by step,"),
-    _MATH_SINGLE.replace("Reason step by step,", _AIME_NOTE + "Reason step by step,"),
-    _CANDIDATE,
-)
+
+
+def _aime(base: PromptSet) -> PromptSet:
+    def note(text: str) -> str:
+        return text.replace("Reason step by step,", _AIME_NOTE + "Reason step by step,")
+
+    return PromptSet("aime", base.version, note(base.initial), note(base.aggregate), note(base.aggregate_single),
+                     base.candidate, shuffle=base.shuffle)
+
+
+AIME_V1 = _aime(MATH_V1)
+AIME_V2 = _aime(MATH_V2)
+
+#: Every prompt set, by name and version.
+PROMPT_SETS: Mapping[tuple[str, str], PromptSet] = MappingProxyType({
+    (p.name, p.version): p
+    for p in (MATH_V1, AIME_V1, CODE_V1, GENERIC_V1, MATH_V2, AIME_V2, CODE_V2, GENERIC_V2)
+})
+CURRENT_VERSION = "2"
 
 #: The current prompt set of each task.
 PROMPTS: Mapping[str, PromptSet] = MappingProxyType(
-    {"math": MATH_V1, "aime": AIME_V1, "code": CODE_V1, "generic": GENERIC_V1}
+    {name: PROMPT_SETS[(name, CURRENT_VERSION)] for name in ("math", "aime", "code", "generic")}
 )
+
+
+def prompt_set(name: str, version: str | None = None) -> PromptSet:
+    """The prompt set ``name`` at ``version`` (the current one when ``None``)."""
+    key = (name, version or CURRENT_VERSION)
+    if key not in PROMPT_SETS:
+        known = sorted({v for n, v in PROMPT_SETS if n == name})
+        raise ConfigError("prompt_version", f"no version {key[1]!r} of the {name} prompts; known: {', '.join(known)}")
+    return PROMPT_SETS[key]
 
 CODE_PROBLEM_VERSION = "1"
 

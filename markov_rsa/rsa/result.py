@@ -15,6 +15,13 @@ from markov_rsa.rsa.config import RSAConfig
 
 RoundKind = Literal["initial", "aggregate", "final"]
 StopReason = Literal["complete", "token_budget", "time_limit", "cancelled"]
+#: How the answer was chosen. ``majority``: the last stage's vote; ``final_aggregate``: the vote of the
+#: final aggregations; ``last_complete_round``: a limit cut a round short, so the last complete round
+#: voted (early finishers are the shortest traces, a biased sample); ``majority_after_final``: the
+#: final aggregations gave no answer (or were cut short), so the population voted; ``population``:
+#: nothing is chosen (``final="population"``); ``none``: no candidate survived.
+Selection = Literal["majority", "final_aggregate", "last_complete_round", "majority_after_final", "population",
+                    "none"]
 
 
 @dataclass
@@ -53,6 +60,8 @@ class Candidate:
     chunks: int = 1
     seconds: float = 0.0
     error: str | None = None
+    #: The tokenizer failed for this candidate, so its tail was cut on an approximation.
+    tail_approximate: bool = False
 
     @property
     def ok(self) -> bool:
@@ -70,6 +79,14 @@ class RoundRecord:
     candidates: list[Candidate] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
     seconds: float = 0.0
+    #: Generations the stage issued; fewer candidates means a limit cut it short.
+    requested: int = 0
+    #: Max new tokens of each of its rollouts.
+    budget: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return len(self.candidates) >= self.requested
 
     @property
     def answers(self) -> list[str | None]:
@@ -96,6 +113,9 @@ class RSAResult:
     selected: tuple[int, int] | None = None
     votes: int = 0
     tails_approximate: bool = False
+    selection: Selection = "majority"
+    #: The sampling every request stated, per kind of stage (``top_k: null`` was sent as disabled).
+    sampling: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def population(self) -> list[Candidate]:
@@ -122,6 +142,8 @@ class RSAResult:
                 ],
                 usage=Usage(**r["usage"]),
                 seconds=r["seconds"],
+                requested=r.get("requested", len(r["candidates"])),
+                budget=r.get("budget", 0),
             )
             for r in data["rounds"]
         ]

@@ -2,7 +2,12 @@
 
 A chunked rollout never lets its prompt grow: chunk j+1 sees the problem, the first ``keep_head``
 tokens the rollout generated and the last ``carryover`` tokens of chunk j, nothing else. It ends
-when the model stops, the chunk limit is reached or the budget is spent.
+when the model stops, the chunk limit is reached or the budget is spent. With
+``chunk_mode="context"`` C is a chunk's context as in Delethink's reference code: the first chunk
+generates C tokens, later ones C − m.
+
+Chunks are joined as raw text (reasoning, ``</think>``, answer) before the reasoning is split
+again, so an answer that a reasoning-parser server split across a chunk boundary survives.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from markov_rsa.backends.base import (
     Message,
     SamplingParams,
 )
+from markov_rsa.errors import BackendError, BackendUnavailableError
 from markov_rsa.rsa.config import RSAConfig
 from markov_rsa.rsa.result import Usage
+from markov_rsa.rsa.tails import THINK_CLOSE
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,7 @@ def _raw_output(gen: Generation) -> str:
     if gen.reasoning is None:
         return gen.text
     if gen.text or gen.finish_reason == "stop":
-        return f"{gen.reasoning}</think>{gen.text}"
+        return f"{gen.reasoning}{THINK_CLOSE}{gen.text}"
     return gen.reasoning
 
 
@@ -51,17 +58,20 @@ async def rollout(
     sampling_for_chunk: Callable[[int], SamplingParams],
     *,
     exact_tokens: bool,
+    budget: int | None = None,
     tags: dict[str, int] | None = None,
 ) -> RolloutOutput:
+    """One rollout of at most ``budget`` new tokens (default: the config's β)."""
     start = time.perf_counter()
+    budget = config.budget if budget is None else budget
     if not config.chunked:
-        request = GenerationRequest(messages, config.budget, sampling_for_chunk(0), tags={**(tags or {}), "chunk": 0})
+        request = GenerationRequest(messages, budget, sampling_for_chunk(0), tags={**(tags or {}), "chunk": 0})
         gen = await backend.generate(request)
         return RolloutOutput(gen, _usage(gen), 1, time.perf_counter() - start)
 
     assert config.chunk_size is not None
     carry = config.carryover or 0
-    remaining = config.budget
+    remaining = budget
     usage = Usage()
     outputs: list[Generation] = []
     head_ids: list[int] = []
@@ -69,12 +79,13 @@ async def rollout(
     prefix = ""
     prefix_ids: tuple[int, ...] = ()
     for chunk in range(config.effective_max_chunks):
+        size = config.chunk_size - carry if chunk and config.chunk_mode == "context" else config.chunk_size
         request = GenerationRequest(
             messages,
-            min(config.chunk_size, remaining),
+            min(size, remaining),
             sampling_for_chunk(chunk),
             assistant_prefix=prefix,
-            assistant_prefix_ids=prefix_ids if exact_tokens else None,
+            assistant_prefix_ids=prefix_ids if exact_tokens and chunk else None,
             tags={**(tags or {}), "chunk": chunk},
         )
         gen = await backend.generate(request)
@@ -84,34 +95,38 @@ async def rollout(
         if gen.finish_reason != "length" or remaining <= 0 or chunk + 1 >= config.effective_max_chunks:
             break
         raw = _raw_output(gen)
-        ids = list(gen.token_ids) if gen.token_ids is not None and exact_tokens else None
-        if ids is None:
-            ids = await backend.tokenize(raw) if exact_tokens else []
-        if chunk == 0 and config.keep_head:
-            head_ids = ids[: config.keep_head]
-            head_text = raw[: config.keep_head * APPROX_CHARS_PER_TOKEN]
-        if exact_tokens:
-            prefix_ids = tuple(head_ids + (ids[-carry:] if carry else []))
-            prefix = await backend.detokenize(prefix_ids) if prefix_ids else ""
-        else:
-            prefix = head_text + (raw[-carry * APPROX_CHARS_PER_TOKEN:] if carry else "")
+        try:
+            ids = list(gen.token_ids) if gen.token_ids is not None and exact_tokens else None
+            if ids is None:
+                ids = await backend.tokenize(raw) if exact_tokens else []
+            if chunk == 0 and config.keep_head:
+                head_ids = ids[: config.keep_head]
+                head_text = raw[: config.keep_head * APPROX_CHARS_PER_TOKEN]
+            if exact_tokens:
+                prefix_ids = tuple(head_ids + (ids[-carry:] if carry else []))
+                prefix = await backend.detokenize(prefix_ids) if prefix_ids else ""
+            else:
+                prefix = head_text + (raw[-carry * APPROX_CHARS_PER_TOKEN:] if carry else "")
+        except BackendError as exc:  # the tokenizer failed: this rollout fails (and is retried), not the run
+            raise BackendUnavailableError(f"cutting chunk {chunk}'s carry-over failed: {exc}") from exc
 
+    return RolloutOutput(combine_chunks(outputs), usage, len(outputs), time.perf_counter() - start)
+
+
+def combine_chunks(outputs: list[Generation]) -> Generation:
+    """One generation from a rollout's chunks, as if the model had written it in one go."""
     last = outputs[-1]
     if len(outputs) == 1:
-        combined = last
-    elif any(g.reasoning is not None for g in outputs):
-        combined = Generation(
-            text=last.text,
-            reasoning="".join(g.reasoning or "" for g in outputs),
-            finish_reason=last.finish_reason,
-            completion_tokens=usage.completion_tokens,
-            prompt_tokens=usage.prompt_tokens,
-        )
-    else:
-        combined = Generation(
-            text="".join(g.text for g in outputs),
-            finish_reason=last.finish_reason,
-            completion_tokens=usage.completion_tokens,
-            prompt_tokens=usage.prompt_tokens,
-        )
-    return RolloutOutput(combined, usage, len(outputs), time.perf_counter() - start)
+        return last
+    raw = "".join(g.text if g.reasoning is None else g.reasoning + (THINK_CLOSE + g.text if g.text else "")
+                  for g in outputs)
+    completion = sum(g.completion_tokens for g in outputs)
+    prompt = sum(g.prompt_tokens for g in outputs)
+    if not any(g.reasoning is not None for g in outputs):
+        return Generation(text=raw, finish_reason=last.finish_reason, completion_tokens=completion,
+                          prompt_tokens=prompt)
+    # The server splits reasoning out: re-split the joined text where the model closed its reasoning.
+    close = raw.find(THINK_CLOSE)
+    reasoning, text = (raw[:close], raw[close + len(THINK_CLOSE):]) if close >= 0 else (raw, "")
+    return Generation(text=text, reasoning=reasoning, finish_reason=last.finish_reason,
+                      completion_tokens=completion, prompt_tokens=prompt)

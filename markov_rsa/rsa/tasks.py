@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from markov_rsa.rsa.answers import extract_boxed, extract_code, majority
-from markov_rsa.rsa.prompts import CODE_V1, GENERIC_V1, MATH_V1, PromptSet
+from markov_rsa.rsa.prompts import PROMPTS, PromptSet, prompt_set
 from markov_rsa.rsa.result import Candidate
 
 
@@ -33,21 +33,24 @@ class Task(Protocol):
 
 @dataclass(frozen=True)
 class MathTask:
-    prompts: PromptSet = MATH_V1
+    """Boxed answers; the vote groups answers by exact value (``same`` may merge more)."""
+
+    prompts: PromptSet = PROMPTS["math"]
     name: str = "math"
+    same: Callable[[str, str], bool] | None = None
 
     def extract_answer(self, text: str) -> str | None:
         return extract_boxed(text)
 
     async def select(self, candidates: Sequence[Candidate]) -> tuple[int | None, int]:
-        return majority([c.answer for c in candidates])
+        return majority([c.answer for c in candidates], self.same)
 
 
 @dataclass(frozen=True)
 class GenericTask:
     """Free-form replies: the whole answer section is the answer; identical replies vote together."""
 
-    prompts: PromptSet = GENERIC_V1
+    prompts: PromptSet = PROMPTS["generic"]
     name: str = "generic"
 
     def extract_answer(self, text: str) -> str | None:
@@ -65,7 +68,7 @@ ProgramScorer = Callable[[str], Awaitable[int]]
 class CodeTask:
     """Programs as answers. With a scorer, ``majority`` picks the candidate passing most tests."""
 
-    prompts: PromptSet = CODE_V1
+    prompts: PromptSet = PROMPTS["code"]
     name: str = "code"
     scorer: ProgramScorer | None = None
 
@@ -83,9 +86,10 @@ class CodeTask:
         return best if best[0] is not None else (None, 0)
 
 
-def task_for(name: str) -> Task:
+def task_for(name: str, prompt_version: str | None = None) -> Task:
+    """The task ``name`` with its prompt set at ``prompt_version`` (the current one when ``None``)."""
     if name == "code":
-        return CodeTask()
+        return CodeTask(prompts=prompt_set("code", prompt_version))
     if name == "generic":
-        return GenericTask()
-    return MathTask()
+        return GenericTask(prompts=prompt_set("generic", prompt_version))
+    return MathTask(prompts=prompt_set("math", prompt_version))

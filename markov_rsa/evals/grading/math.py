@@ -16,11 +16,17 @@ from collections.abc import Sequence
 from markov_rsa.errors import MissingDependencyError
 
 _INT = re.compile(r"[+-]?\d+")
+_THOUSANDS = re.compile(r"[+-]?\d{1,3}(,\d{3})+")
 
 
 def _as_int(text: str) -> int | None:
-    s = re.sub(r"\\[,!; ]|\$|\s|\\text\{[^}]*\}|\^\\circ|\^\{\\circ\}", "", text).replace(",", "")
-    s = s.removeprefix("{").removesuffix("}")
+    """The integer an answer states, as a careful human grader reads it: ``042``, ``42.``, ``1,000``,
+    ``42^\\circ`` and ``\\text{42}`` are integers; ``3,4`` (a list) and ``4.5`` are not."""
+    s = re.sub(r"\\[!; ]|\$|\s|\\text\{\s*\}|\^\\circ|\^\{\\circ\}", "", text)
+    s = re.sub(r"\\(?:text|mathrm|textbf|mathbf)\{([^{}]*)\}", r"\1", s).replace("\\,", ",")
+    s = s.removeprefix("{").removesuffix("}").rstrip(".;:!")
+    if _THOUSANDS.fullmatch(s):
+        s = s.replace(",", "")
     return int(s) if _INT.fullmatch(s) else None
 
 
