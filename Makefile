@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_PROBLEM ?= What is the sum of the first ten positive odd numbers? Give the final answer in \boxed{}.
 
-.PHONY: demo test lint bench clean sandbox-deps
+.PHONY: demo test lint bench clean sandbox-deps llama-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ sandbox-deps:
 	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null; }; \
 	  else echo "install bubblewrap (e.g. sudo apt-get install bubblewrap) for the code sandbox" >&2; exit 1; fi; }
 
+# llama.cpp's C++ server for the tests, built once into ~/.cache/markov-rsa-tools (minutes on a new machine).
+LLAMA_SERVER = PIP=$(BIN)/pip bash tools/build-llama-server.sh
+llama-server: $(VENV)/.installed-core
+	@$(LLAMA_SERVER) >/dev/null
+
 demo: $(VENV)/.installed-core $(VENV)/.installed-model
 	$(BIN)/rsa solve '$(DEMO_PROBLEM)'
 
@@ -42,8 +47,8 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check markov_rsa tests bench
 	$(BIN)/mypy
 
-test: lint sandbox-deps $(VENV)/.installed-model
-	$(BIN)/python -m pytest -q
+test: lint sandbox-deps llama-server $(VENV)/.installed-model
+	MARKOV_RSA_LLAMA_SERVER="$$($(LLAMA_SERVER))" $(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-dev $(VENV)/.installed-model sandbox-deps
 	$(BIN)/python -m bench.run

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -55,6 +57,40 @@ def llama_cpp_server(gguf: str, *, n_ctx: int = 4096) -> Iterator[str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
          "--n_ctx", str(n_ctx), "--n_threads", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/v1/models", process=process)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def llama_server_binary() -> str:
+    """llama.cpp's C++ server, built once by tools/build-llama-server.sh (``make test`` runs it first and
+    passes the path in MARKOV_RSA_LLAMA_SERVER; a bare pytest run builds it here)."""
+    path = os.environ.get("MARKOV_RSA_LLAMA_SERVER")
+    if path and os.access(path, os.X_OK):
+        return path
+    script = Path(__file__).resolve().parent.parent / "tools" / "build-llama-server.sh"
+    pip = str(Path(sys.executable).with_name("pip"))
+    built = subprocess.run(["bash", str(script)], capture_output=True, text=True, env={**os.environ, "PIP": pip})
+    if built.returncode != 0:
+        raise RuntimeError(f"could not build llama-server: {built.stderr[-2000:]}")
+    return built.stdout.strip().splitlines()[-1]
+
+
+@contextlib.contextmanager
+def llama_server(gguf: str, *, n_ctx: int = 4096, slots: int = 4) -> Iterator[str]:
+    """llama.cpp's own server (llama-server) on a free loopback port; yields its /v1 URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [llama_server_binary(), "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-c", str(n_ctx * slots),
+         "-np", str(slots), "-t", "2", "--no-webui"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -197,3 +233,107 @@ class FaultServer:
                        "reasoning_content": "thinking " * 5}
             usage["completion_tokens_details"] = {"reasoning_tokens": 10}
         return {"choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage}
+
+
+@dataclass
+class VLLMLike:
+    """A loopback server that behaves like vLLM where the tests need it to, one character per token.
+
+    - Sampling fields a request leaves out are filled from the model's ``generation_config``, as vLLM
+      does (``--generation-config auto``); ``effective`` records what each request ran with.
+    - ``reasoning_parser``: ``reasoning_content`` holds what precedes ``</think>`` in the output, and
+      an output without ``</think>`` is all reasoning (vLLM's DeepSeek-R1 parser).
+    - The chat template is ``<|role|>content`` per message, then ``<|assistant|><think>`` (it opens
+      the think block itself); ``continue_final_message`` continues the last assistant message.
+    - ``/tokenize`` takes ``prompt`` or ``messages``; ``/v1/completions`` takes text or token ids.
+    - A prompt longer than ``max_model_len`` gets vLLM's 400.
+    ``output(prompt_text, body)`` gives the full text the model would write after the prompt.
+    """
+
+    output: Callable[[str, dict[str, Any]], str]
+    generation_config: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.6, "top_p": 0.95,
+                                                                       "top_k": 20})
+    reasoning_parser: bool = True
+    max_model_len: int = 100_000
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    effective: list[dict[str, Any]] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/v1/chat/completions", self._chat, methods=["POST"]),
+            Route("/v1/completions", self._completions, methods=["POST"]),
+            Route("/v1/models", self._models, methods=["GET"]),
+            Route("/tokenize", self._tokenize, methods=["POST"]),
+            Route("/detokenize", self._detokenize, methods=["POST"]),
+        ])
+
+    @staticmethod
+    def render(messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+               continue_final: bool = False) -> str:
+        text = "".join(f"<|{m['role']}|>{m.get('content') or ''}" for m in messages)
+        if continue_final:  # the last (assistant) message stays open
+            return text
+        return text + "<|assistant|><think>" if add_generation_prompt else text
+
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": "vllm-like", "object": "model"}]})
+
+    async def _tokenize(self, request: Request) -> Response:
+        body = await request.json()
+        if "messages" in body:
+            text = self.render(body["messages"], add_generation_prompt=body.get("add_generation_prompt", True))
+        else:
+            text = body["prompt"]
+        return JSONResponse({"tokens": [ord(c) for c in text], "count": len(text), "max_model_len": self.max_model_len})
+
+    async def _detokenize(self, request: Request) -> Response:
+        body = await request.json()
+        return JSONResponse({"prompt": "".join(chr(t) for t in body["tokens"])})
+
+    def _sampling(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {name: body.get(name, self.generation_config.get(name)) for name in ("temperature", "top_p", "top_k")}
+
+    def _too_long(self, prompt: str, body: dict[str, Any]) -> Response | None:
+        wanted = len(prompt) + int(body.get("max_tokens") or 0)
+        if wanted <= self.max_model_len:
+            return None
+        message = (f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                   f"{wanted} tokens ({len(prompt)} in the messages, {body.get('max_tokens')} in the completion). "
+                   "Please reduce the length of the messages or completion.")
+        return JSONResponse({"object": "error", "message": message, "type": "BadRequestError", "param": None,
+                             "code": 400}, status_code=400)
+
+    def _generate(self, prompt: str, body: dict[str, Any]) -> tuple[str, str]:
+        self.bodies.append(body)
+        self.effective.append(self._sampling(body))
+        self.prompts.append(prompt)
+        text = self.output(prompt, body)
+        max_tokens = int(body.get("max_tokens") or 10**9)
+        return (text[:max_tokens], "length") if len(text) > max_tokens else (text, "stop")
+
+    async def _chat(self, request: Request) -> Response:
+        body = await request.json()
+        prompt = self.render(body["messages"], continue_final=bool(body.get("continue_final_message")))
+        if (error := self._too_long(prompt, body)) is not None:
+            return error
+        text, finish = self._generate(prompt, body)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if self.reasoning_parser:
+            close = text.find("</think>")
+            reasoning, content = (text[:close], text[close + len("</think>"):]) if close >= 0 else (text, None)
+            message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": len(text), "total_tokens": len(prompt) + len(text)}
+        return JSONResponse({"id": "chatcmpl-x", "object": "chat.completion", "model": body.get("model"),
+                             "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage})
+
+    async def _completions(self, request: Request) -> Response:
+        body = await request.json()
+        raw = body["prompt"]
+        prompt = "".join(chr(t) for t in raw) if isinstance(raw, list) else str(raw)
+        if (error := self._too_long(prompt, body)) is not None:
+            return error
+        text, finish = self._generate(prompt, body)
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": len(text), "total_tokens": len(prompt) + len(text)}
+        return JSONResponse({"id": "cmpl-x", "object": "text_completion", "model": body.get("model"),
+                             "choices": [{"index": 0, "text": text, "finish_reason": finish}], "usage": usage})

@@ -157,6 +157,7 @@ class OpenAIBackend:
         self._hf_tokenizer: Any = None
         self._tokenizer_kind: TokenizerKind | None = None
         self._probe_lock: asyncio.Lock | None = None
+        self._template_cache: dict[str, list[int]] = {}
 
     # -- plumbing -----------------------------------------------------------------------------
     def _new_client(self, connections: int) -> httpx.AsyncClient:
@@ -231,17 +232,26 @@ class OpenAIBackend:
                     await shard.client.aclose()
 
     # -- generation ---------------------------------------------------------------------------
-    def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+    def _top_k_disabled(self) -> int:
+        """Top-k off, in the form the server accepts: -1 for vLLM and SGLang, 0 for llama.cpp."""
+        return 0 if self._route is not None and self._route.style.startswith("llamacpp") else -1
+
+    def _sampling_fields(self, request: GenerationRequest) -> dict[str, Any]:
+        """Every sampling field stated: a missing one would be filled from the model's
+        generation_config.json by vLLM, silently changing the method's settings."""
         s = request.sampling
-        body: dict[str, Any] = {"model": self.model, "max_tokens": request.max_tokens, "temperature": s.temperature}
-        if s.top_p < 1.0:
-            body["top_p"] = s.top_p
-        if s.top_k:
-            body["top_k"] = s.top_k
+        body: dict[str, Any] = {
+            "model": self.model, "max_tokens": request.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
+            "top_k": s.top_k if s.top_k else self._top_k_disabled(),
+        }
         if s.seed is not None:
             body["seed"] = s.seed
         if s.stop:
             body["stop"] = list(s.stop)
+        return body
+
+    def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        body = self._sampling_fields(request)
         if self.endpoint == "completions":
             prompt = "\n\n".join(m["content"] for m in request.messages) + "\n\n" + request.assistant_prefix
             body["prompt"] = prompt
@@ -268,22 +278,42 @@ class OpenAIBackend:
                 self._tokenizer_kind = await self._probe_tokenizer()
 
     async def generate(self, request: GenerationRequest) -> Generation:
-        path, body = self._body(request)
         start = time.perf_counter()
-        return await self._call(path, body, parse=lambda data: self._parse(data, time.perf_counter() - start))
+        await self.ready()  # the server's flavour decides how top-k is disabled
+        if request.assistant_prefix_ids is not None and self._renders_chat_ids():
+            # Continue a chunk from exact token ids: the chat template's ids, then the carried ids.
+            body = self._sampling_fields(request)
+            body["prompt"] = [*await self._chat_prompt_ids(request.messages), *request.assistant_prefix_ids]
+            body.update(self.extra_body)
+            return await self._call("/completions", body,
+                                    parse=lambda data: self._parse(data, time.perf_counter() - start, completions=True))
+        path, body = self._body(request)
+        parse = lambda data: self._parse(data, time.perf_counter() - start)  # noqa: E731
+        if not body.get("continue_final_message"):
+            return await self._call(path, body, parse=parse)
+        try:
+            return await self._call(path, body, parse=parse)
+        except BackendRequestError as exc:
+            if exc.status_code != 400:
+                raise
+            raise BackendRequestError(
+                "chunked rollouts: the server could not continue the assistant message (its chat template may "
+                "not support continue_final_message); pass --tokenizer NAME (a Hugging Face tokenizer) so that "
+                f"chunks continue from exact token ids over /v1/completions. Server said: {exc}", 400) from None
 
-    def _parse(self, data: Any, latency: float) -> Generation:
+    def _parse(self, data: Any, latency: float, *, completions: bool = False) -> Generation:
         choices = data.get("choices") if isinstance(data, dict) else None
-        if not choices:
+        if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
             raise _Transient("the server returned no choices")
         choice = choices[0]
-        if self.endpoint == "completions":
+        if completions or self.endpoint == "completions":
             text, reasoning = choice.get("text") or "", None
         else:
             message = choice.get("message") or {}
             text = message.get("content") or ""
             reasoning = message.get("reasoning_content") or message.get("reasoning")
-        finish: FinishReason = "length" if choice.get("finish_reason") == "length" else "stop"
+        raw_finish = choice.get("finish_reason")
+        finish: FinishReason = "tool_calls" if raw_finish == "function_call" else str(raw_finish or "stop")
         usage = data.get("usage") or {}
         details = usage.get("completion_tokens_details") or {}
         completion = usage.get("completion_tokens")
@@ -298,6 +328,39 @@ class OpenAIBackend:
             reasoning_tokens=details.get("reasoning_tokens"),
             latency=latency,
         )
+
+    def _renders_chat_ids(self) -> bool:
+        """Whether chat prompts can be rendered to exact token ids: a Hugging Face tokenizer, a server
+        whose tokenize endpoint applies the chat template (vLLM, SGLang), or llama.cpp's server
+        (/apply-template, then /tokenize)."""
+        return self._hf_tokenizer is not None or (
+            self._route is not None and self._route.style in ("vllm", "llamacpp"))
+
+    async def _chat_prompt_ids(self, messages: tuple[dict[str, str], ...]) -> list[int]:
+        """The chat template applied to ``messages`` with the assistant turn opened, as token ids.
+        Cached: every chunk of a rollout, and every rollout of a stage, shares its messages."""
+        key = json.dumps(messages, sort_keys=True)
+        cached = self._template_cache.get(key)
+        if cached is not None:
+            return cached
+        if self._hf_tokenizer is not None:
+            rendered = self._hf_tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                                              tokenize=True)
+            ids = [int(t) for t in (rendered["input_ids"] if isinstance(rendered, Mapping) else rendered)]
+        elif self._route is not None and self._route.style == "llamacpp":
+            rendered = await self._call("/apply-template", {"messages": list(messages)}, root=True, attempts=2)
+            body: dict[str, Any] = {"content": str(rendered["prompt"]), "add_special": True, "parse_special": True}
+            data = await self._call(self._route.tokenize, body, root=True, attempts=2)
+            ids = [int(t) for t in data["tokens"]]
+        else:
+            body = {"model": self.model, "messages": list(messages), "add_generation_prompt": True}
+            assert self._route is not None
+            data = await self._call(self._route.tokenize, body, root=True, attempts=2)
+            ids = [int(t) for t in data["tokens"]]
+        if len(self._template_cache) >= 256:
+            self._template_cache.pop(next(iter(self._template_cache)))
+        self._template_cache[key] = ids
+        return ids
 
     async def _call(
         self,
@@ -383,6 +446,9 @@ class OpenAIBackend:
 
     # -- tokenizer ----------------------------------------------------------------------------
     async def _probe_tokenizer(self) -> TokenizerKind:
+        """Find the server's tokenize endpoints (which also tell what server it is: top-k is disabled
+        differently on llama.cpp), then load a Hugging Face tokenizer if one was named."""
+        served = await self._probe_routes()
         if self.tokenizer:
             try:
                 from transformers import AutoTokenizer
@@ -392,6 +458,9 @@ class OpenAIBackend:
                 ) from None
             self._hf_tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.tokenizer)
             return "exact"
+        return served
+
+    async def _probe_routes(self) -> TokenizerKind:
         routes = (
             _TokenizerRoute("/tokenize", "/detokenize", "vllm"),
             _TokenizerRoute("/extras/tokenize", "/extras/detokenize", "llamacpp-python"),

@@ -26,6 +26,17 @@ Population = Annotated[int | None, typer.Option(help="N: candidates per round.")
 K = Annotated[int | None, typer.Option("--k", help="K: tails in each aggregation prompt (the report's C).")]
 Rounds = Annotated[int | None, typer.Option(help="T: aggregation rounds after round 0 (0 = parallel sampling).")]
 Budget = Annotated[int | None, typer.Option(help="β: max new tokens of one rollout.")]
+FinalBudget = Annotated[
+    int | None, typer.Option(help="Max new tokens of the last stage (round T or the final aggregation); default β.")
+]
+ChunkMode = Annotated[
+    str | None,
+    typer.Option(help="How C is read: new (each chunk generates C tokens) or context (Delethink: the first chunk "
+                      "generates C, later ones C − m)."),
+]
+PromptVersion = Annotated[
+    str | None, typer.Option(help="Prompt-set version: 2 (current: instruction after the candidates, shuffled) or 1.")
+]
 Tail = Annotated[int | None, typer.Option(help="τ: model tokens carried per candidate (τ = β is full-chain RSA).")]
 ChunkSize = Annotated[int | None, typer.Option(help="C: produce each rollout in chunks of this many tokens.")]
 Carryover = Annotated[int | None, typer.Option(help="m: tokens of the previous chunk carried into the next.")]

@@ -159,15 +159,17 @@ def parse_request(body: Any, settings: ServerSettings) -> ParsedRequest:
     if wants_rsa:
         changes: dict[str, Any] = {}
         origin: dict[str, str] = {}
-        for name, value in proxy.items():
-            changes[PROXY_FIELDS[name]] = value
-            origin[PROXY_FIELDS[name]] = name
-        if "rsa_final_n" in proxy:
-            changes["final"] = "aggregate"  # the reference proxy ends with final aggregation(s)
         for name, target in SAMPLING_FIELDS.items():
             if body.get(name) is not None:
                 changes[target] = body[name]
                 origin[target] = name
+        if proxy:
+            proxy_changes, proxy_origin = _proxy_config(proxy, settings.config, max_tokens)
+            changes.update(proxy_changes)
+            origin.update(proxy_origin)
+        elif max_tokens is not None:
+            changes["final_budget"] = max_tokens
+            origin["final_budget"] = "max_tokens"
         for name, value in (rsa_object or {}).items():
             changes[name] = value
             origin[name] = f"rsa.{name}"
@@ -192,9 +194,48 @@ def parse_request(body: Any, settings: ServerSettings) -> ParsedRequest:
         include_usage=bool(stream_options.get("include_usage")),
         metadata=bool(body.get("return_rsa_metadata")),
         config=config,
-        max_tokens=max_tokens or settings.config.budget,
+        max_tokens=max_tokens or settings.config.last_stage_budget,
         sampling=sampling,
     )
+
+
+#: The reference proxy's final-stage sampling when a request does not set it.
+PROXY_FINAL_SAMPLING = {"final_temperature": 0.6, "final_top_p": 0.95, "final_top_k": 40}
+
+
+def _proxy_config(proxy: dict[str, Any], base: RSAConfig, max_tokens: int | None) -> tuple[dict[str, Any],
+                                                                                           dict[str, str]]:
+    """What a request using the reference proxy's fields runs, as the proxy runs it: ``rsa_t + 1``
+    stages in all, the last issuing ``rsa_final_n`` prompts (default 1; 0 means ``rsa_n``) at the
+    final sampling (default 0.6 / 0.95 / 40), with the request's ``max_tokens`` as that stage's
+    budget. Returns RSAConfig changes and, per changed field, the request field it came from."""
+    changes: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for name in ("rsa_n", "rsa_k", "short_resp_len", "tail_window_len"):
+        if name in proxy:
+            changes[PROXY_FIELDS[name]] = proxy[name]
+            origin[PROXY_FIELDS[name]] = name
+    for name, default in PROXY_FINAL_SAMPLING.items():
+        changes[name] = proxy.get(name, default)
+        origin[name] = name
+    population = changes.get("population", base.population)
+    stages = proxy.get("rsa_t", base.rounds)
+    final_n = proxy.get("rsa_final_n", 1)
+    for name, value in (("rsa_t", stages), ("rsa_final_n", final_n)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise RequestError(f"{name} must be a non-negative integer, got {value!r}", name)
+    final_n = final_n or population
+    if max_tokens is not None:
+        changes["final_budget"] = max_tokens
+        origin["final_budget"] = "max_tokens"
+    if stages == 0:  # one stage, which is the last: final_n rollouts at the final sampling
+        changes.update(rounds=0, final="majority", population=final_n, temperature=changes["final_temperature"],
+                       top_p=changes["final_top_p"], top_k=changes["final_top_k"])
+        origin.update(population="rsa_final_n", rounds="rsa_t")
+    else:
+        changes.update(rounds=stages - 1, final="aggregate", final_n=final_n)
+        origin.update(rounds="rsa_t", final_n="rsa_final_n")
+    return changes, origin
 
 
 def problem_text(messages: tuple[dict[str, str], ...]) -> str:
