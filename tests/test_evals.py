@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -21,8 +22,9 @@ from markov_rsa.evals.datasets import MATH_SETS, decode_private_tests, lcb_probl
 from markov_rsa.evals.grading.code import CodeGrader, functional_matches, stdin_matches
 from markov_rsa.evals.grading.math import MathGrader
 from markov_rsa.evals.grading.sandbox import Sandbox, SandboxLimits, bwrap_works
+from markov_rsa.evals.log import read_jsonl
 from markov_rsa.evals.metrics import pass_at_k, summarise
-from markov_rsa.evals.runner import EvalSpec, Evaluation, read_jsonl
+from markov_rsa.evals.runner import EvalSpec, Evaluation
 from markov_rsa.rsa.answers import extract_boxed
 from tests.conftest import DATASETS
 from tests.servers import FaultServer, serve_app
@@ -126,6 +128,25 @@ async def test_wrong_empty_and_truncated_answers_grade_wrong(math_grader):
     assert await math_grader.grade("070", "70", True) and await math_grader.grade("0.5", "\\frac{1}{2}", False)
 
 
+@pytest.mark.parametrize(("answer", "gold", "integer", "correct"), [
+    # integer sets: what a careful human grader accepts
+    ("42.", "42", True, True), ("42;", "42", True, True), ("042", "42", True, True), ("\\text{42}", "42", True, True),
+    ("42^\\circ", "42", True, True), ("1,000", "1000", True, True), ("1\\,000", "1000", True, True),
+    ("{42}", "42", True, True), ("$42$", "42", True, True),
+    # ... and rejects
+    ("3,4", "34", True, False), ("34,", "3", True, False), ("4.2", "42", True, False), ("-42", "42", True, False),
+    ("12,34", "1234", True, False), ("43", "42", True, False),
+    # symbolic sets
+    ("\\frac{1}{2}", "0.5", False, True), ("\\dfrac12", "\\frac{1}{2}", False, True),
+    ("\\sqrt3", "\\sqrt{3}", False, True), ("2\\sqrt{2}", "\\sqrt{8}", False, True),
+    ("\\frac{\\sqrt3}{2}", "\\frac{\\sqrt{3}}{2}", False, True), ("\\sqrt{2}", "\\sqrt{3}", False, False),
+    ("\\frac{1}{3}", "0.33", False, False), ("\\pi", "3.14", False, False),
+])
+async def test_graders_accept_and_reject_answer_forms_as_a_careful_human_would(math_grader, answer, gold, integer,
+                                                                             correct):
+    assert await math_grader.grade(answer, gold, integer) is correct
+
+
 # -- code grading and the sandbox --------------------------------------------------------------
 def test_output_comparison_follows_livecodebench():
     assert stdin_matches("YES\nNO  \n", "YES\nNO\n") and stdin_matches("1.50 2\n", "1.5 2.0")
@@ -173,33 +194,6 @@ async def test_public_tests_run_once_per_program_for_grading_and_selection(grade
     assert await public.grade(wrong) == await grader.grade(wrong, problem) is False
     assert await public.score(SHORT_SORT) == 1 and await public.score(wrong) == 0
     assert runs == {SHORT_SORT: 1, wrong: 1}, "each program ran its public test once"
-
-
-HOSTILE = {
-    "fork bomb": "import os\nwhile True:\n    os.fork()\n",
-    "memory bomb": "x = [bytearray(10**8) for _ in range(1000)]\n",
-    "infinite loop": "while True:\n    pass\n",
-    "writes outside": "open('/tmp/markov-rsa-escape', 'w').write('x')\n",
-    "writes home": "open('/root/markov-rsa-escape', 'w').write('x')\n",
-    "network": "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)\n",
-    "reads the key": "import os\nprint(os.environ['OPENAI_API_KEY'])\n",
-    "kills its parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n",
-    "sleeps": "import time\ntime.sleep(60)\n",
-}
-
-
-@pytest.mark.parametrize("name", HOSTILE)
-async def test_hostile_programs_fail_their_test_and_the_harness_survives(grader, name, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-harness-secret")
-    source = "import os\n" + HOSTILE[name] + "print('YES')\n"
-    [problem] = load_lcb(DATASETS / "livecodebench")
-    problem = problem.__class__(**{**problem.__dict__, "public_tests": (), "private_tests": problem.private_tests[:1]})
-    started = time.perf_counter()
-    assert not await grader.grade(source, problem)
-    assert time.perf_counter() - started < 15
-    assert not Path("/tmp/markov-rsa-escape").exists()
-    assert not Path("/root/markov-rsa-escape").exists()
-    assert await grader.grade(SHORT_SORT, problem), "the harness still works afterwards"
 
 
 def test_bubblewrap_isolation_is_used_where_it_works():
@@ -329,12 +323,119 @@ def test_eval_stops_at_once_when_the_endpoint_refuses_every_request(tmp_path):
     assert list(read_jsonl(tmp_path / "problems.jsonl")) == []
 
 
-def test_resume_refuses_a_directory_of_another_configuration(tmp_path):
-    backend = OpenAIBackend("http://127.0.0.1:9/v1", model="m")
-    (tmp_path / "run.json").write_text(json.dumps({"task": "aime25", "config": {}, "repeats": 1}))
-    evaluation = Evaluation(EvalSpec("aime25", RSAConfig()), backend, load_task("aime25", DATASETS), tmp_path)
-    with pytest.raises(ConfigError, match="holds a run of another task or configuration"):
-        evaluation._prepare()
+class Named:
+    """A backend that is only named (resume checks read its info; nothing is generated)."""
+
+    def __init__(self, kind: str = "openai", model: str = "m") -> None:
+        from markov_rsa.backends.base import BackendInfo
+
+        self.info = BackendInfo(kind=kind, model=model)
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"model": "other-model"}, "model"),
+    ({"kind": "transformers"}, "backend"),
+    ({"config": RSAConfig(budget=300, tail=20)}, "RSA settings (budget)"),
+    ({"config": RSAConfig(prompt_version="1")}, "RSA settings (prompt_version)"),
+    ({"version": "0.0.1"}, "markov-rsa version"),
+])
+def test_resume_refuses_a_directory_of_another_run_and_says_what_differs(tmp_path, monkeypatch, change, named):
+    import markov_rsa.evals.runner as runner
+
+    problems = load_task("aime25", DATASETS)[:1]
+    spec = EvalSpec("aime25", RSAConfig())
+    Evaluation(spec, Named(), problems, tmp_path, math_grader=object())._prepare()  # type: ignore[arg-type]
+    assert json.loads((tmp_path / "run.json").read_text())["format"] == 2
+    if "version" in change:
+        monkeypatch.setattr(runner, "__version__", change["version"])
+    backend = Named(change.get("kind", "openai"), change.get("model", "m"))
+    again = EvalSpec("aime25", change.get("config", RSAConfig()))
+    with pytest.raises(ConfigError, match=re.escape(f"another {named}")):
+        Evaluation(again, backend, problems, tmp_path, math_grader=object())._prepare()  # type: ignore[arg-type]
+    forced = EvalSpec("aime25", change.get("config", RSAConfig()), force=True)
+    Evaluation(forced, backend, problems, tmp_path, math_grader=object())._prepare()  # type: ignore[arg-type]
+
+
+def test_two_writers_on_one_directory_are_refused(tmp_path):
+    from markov_rsa.evals.log import locked
+
+    with locked(tmp_path):
+        held = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                               "from markov_rsa.evals.log import locked\nwith locked(Path(sys.argv[1])): pass",
+                               str(tmp_path)], capture_output=True, text=True, timeout=60)
+        assert held.returncode != 0 and "is being written by another rsa eval" in held.stderr
+    with locked(tmp_path):
+        pass  # released when the holder ends
+
+
+async def test_duplicate_and_torn_records_neither_count_twice_nor_crash(tmp_path, math_grader):
+    from markov_rsa.evals.log import read_candidates, read_problems
+    from markov_rsa.evals.report import load_run, results_table
+
+    server = FaultServer(reply=boxed_gold)
+    with serve_app(server.app()) as url:
+        backend = OpenAIBackend(f"{url}/v1", model="m", retry=FAST)
+        spec = EvalSpec("aime25", RSAConfig(population=2, k=2, rounds=0, budget=50, tail=10, seed=1), limit=2)
+        await Evaluation(spec, backend, load_task("aime25", DATASETS), tmp_path, math_grader=math_grader).run()
+        problems_file, candidates_file = tmp_path / "problems.jsonl", tmp_path / "candidates.jsonl"
+        first_line = problems_file.read_bytes().splitlines(keepends=True)[0]
+        torn = json.dumps({"problem_id": "x", "answer": "é" * 10}).encode()[:-15]  # cut inside a character
+        with problems_file.open("ab") as handle:
+            handle.write(first_line + torn)
+        with candidates_file.open("ab") as handle:
+            handle.write(candidates_file.read_bytes().splitlines(keepends=True)[0] + b"\xc3")
+        assert len(read_problems(problems_file)) == 2
+        assert len(read_candidates(candidates_file)) == 4
+        run = load_run(tmp_path)
+        assert run.summary.problems == 2 and results_table([run])[1][3] == "2"
+        await Evaluation(spec, backend, load_task("aime25", DATASETS), tmp_path, math_grader=math_grader).run()
+    assert len(read_problems(problems_file)) == 2, "resume reads the same file and redoes nothing"
+
+
+async def test_a_finished_run_leaves_no_grader_processes(tmp_path):
+    import psutil
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    server = FaultServer(reply=boxed_gold)
+    with serve_app(server.app()) as url:
+        backend = OpenAIBackend(f"{url}/v1", model="m", retry=FAST)
+        spec = EvalSpec("aime25", RSAConfig(population=2, k=2, rounds=0, budget=50, tail=10, seed=1), limit=2)
+        await Evaluation(spec, backend, load_task("aime25", DATASETS), tmp_path).run()
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE]
+    assert left == [], "the math grader's workers end with the run"
+
+
+def slow_or_grade(prediction: str, gold: str, integer: bool) -> bool:
+    """A grading function whose 'slow' answers never finish (runs in the grader's worker processes)."""
+    if prediction == "slow":
+        time.sleep(120)
+    from markov_rsa.evals.grading.math import grade_one
+
+    return grade_one(prediction, gold, integer)
+
+
+async def test_slow_answers_cost_only_themselves_under_load():
+    """4 slow wrong answers graded beside 12 correct ones: each deadline starts when its item starts, and a
+    timeout ends only its own worker, so all 12 correct answers grade correct."""
+    items = [("slow", "70", True)] * 4 + [("70", "70", True)] * 6 + [("\\frac12", "0.5", False)] * 6
+    with MathGrader(workers=2, timeout=2.0, grade_fn=slow_or_grade) as grader:
+        results = await grader.grade_many(items)
+    assert results[:4] == [False] * 4
+    assert results[4:] == [True] * 12
+
+
+def test_private_test_decoder_caps_decompressed_size():
+    from markov_rsa.evals import datasets
+
+    bomb = base64.b64encode(zlib.compress(b"\x00" * (8 * 2**20), 9)).decode()
+    original = datasets.MAX_PRIVATE_TESTS_BYTES
+    datasets.MAX_PRIVATE_TESTS_BYTES = 2**20
+    try:
+        with pytest.raises(ConfigError, match="decompress to more than"):
+            decode_private_tests(bomb)
+    finally:
+        datasets.MAX_PRIVATE_TESTS_BYTES = original
 
 
 def test_rsa_eval_and_report_end_to_end_on_the_embedded_model(tmp_path, demo_dir):
@@ -387,7 +488,7 @@ def hub_cache(root: Path, repo_id: str, files: dict[str, bytes]) -> None:
 LOAD_FROM_HUB = """
 import json, sys
 from markov_rsa.evals.datasets import load_task
-print(json.dumps({name: [(p.id, p.answer) for p in load_task(*args, **kw)]
+print(json.dumps({name: [(p.id, p.answer, p.meta.get("revision")) for p in load_task(*args, **kw)]
                   for name, args, kw in json.loads(sys.argv[1])}))
 """
 
@@ -414,7 +515,8 @@ def test_sets_load_from_the_hub_cache_as_users_get_them(tmp_path):
                          env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     loaded = json.loads(out.stdout)
-    assert loaded["aime25"] == [["aime25_1", "70"], ["aime25_2", "588"]]
-    assert [i for i, _ in loaded["v1"]] == ["1873_A"]
-    assert [i for i, _ in loaded["v2"]] == ["1873_A", "2"]
-    assert [i for i, _ in loaded["since"]] == ["2"]
+    assert loaded["aime25"] == [["aime25_1", "70", "0" * 40], ["aime25_2", "588", "0" * 40]], \
+        "the Hub commit the set was read at is recorded"
+    assert [i for i, *_ in loaded["v1"]] == ["1873_A"]
+    assert [i for i, *_ in loaded["v2"]] == ["1873_A", "2"]
+    assert [i for i, *_ in loaded["since"]] == ["2"]

@@ -175,6 +175,12 @@ def eval_command(
         Path | None, typer.Option(help="Local JSONL copies of the sets instead of the Hub ($MARKOV_RSA_DATA_DIR).")
     ] = None,
     release: Annotated[str, typer.Option(help="LiveCodeBench release (v1..v6).")] = "v6",
+    unsafe_no_sandbox: Annotated[bool, typer.Option(
+        "--unsafe-no-sandbox",
+        help="LiveCodeBench: run untrusted programs without bubblewrap (rlimits only; a program can escape).",
+    )] = False,
+    force: Annotated[bool, typer.Option(
+        help="Resume OUT even though it holds a run of another model, backend, prompt set or version.")] = False,
     since: Annotated[str | None, typer.Option(help="LiveCodeBench: contest_date on or after YYYY-MM-DD.")] = None,
     until: Annotated[str | None, typer.Option(help="LiveCodeBench: contest_date on or before YYYY-MM-DD.")] = None,
     backend: o.BackendKind = "auto",
@@ -198,12 +204,17 @@ def eval_command(
         if repeats < 1 or concurrency < 1 or (limit is not None and limit < 1):
             raise ConfigError("limit", "--limit, --repeats and --concurrency must be at least 1")
         config = o.build_config(preset, backend_opts.embedded, **fields)
+        if task == "lcb" and not unsafe_no_sandbox:
+            from markov_rsa.evals.grading.sandbox import Sandbox
+
+            Sandbox()  # refuses at once, before anything is loaded or generated, where isolation cannot work
         problems = load_task(task, data_dir, release=release, since=since, until=until)
         if not problems:
             raise ConfigError("task", f"no {task} problems matched (check --since/--until and --data-dir)")
         backend = o.build_backend(backend_opts)
         code = run_evaluation(task, config, backend, problems, out, limit=limit, repeats=repeats,
-                              concurrency=concurrency)
+                              concurrency=concurrency, isolation="rlimits" if unsafe_no_sandbox else "bwrap",
+                              force=force)
         raise typer.Exit(code)
 
     run_cli(body)

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from markov_rsa.backends.base import Backend
 from markov_rsa.evals.datasets import Problem
+from markov_rsa.evals.grading.sandbox import Isolation
 from markov_rsa.evals.report import load_run, results_table
 from markov_rsa.evals.runner import EvalSpec, Evaluation
 from markov_rsa.evals.runner import Progress as RunProgress
@@ -17,10 +18,15 @@ from markov_rsa.rsa.config import RSAConfig
 
 
 def run_evaluation(task: str, config: RSAConfig, backend: Backend, problems: list[Problem], out: Path, *,
-                   limit: int | None, repeats: int, concurrency: int) -> int:
+                   limit: int | None, repeats: int, concurrency: int, isolation: Isolation = "bwrap",
+                   force: bool = False) -> int:
     """Run (or resume) an evaluation; returns the exit code (1 if some problems failed)."""
     console = Console(stderr=True)
-    spec = EvalSpec(task=task, config=config, limit=limit, repeats=repeats, concurrency=concurrency)
+    spec = EvalSpec(task=task, config=config, limit=limit, repeats=repeats, concurrency=concurrency,
+                    isolation=isolation, force=force)
+    if isolation != "bwrap" and any(p.kind == "code" for p in problems):
+        console.print("[bold yellow]warning:[/] --unsafe-no-sandbox: untrusted programs run with rlimits only and "
+                      "can escape (read files, use the network, leave processes behind)", highlight=False)
     evaluation = Evaluation(spec, backend, problems, out)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn())
@@ -41,9 +47,6 @@ def run_evaluation(task: str, config: RSAConfig, backend: Backend, problems: lis
                 return await evaluation.run(update)
             finally:
                 await backend.aclose()
-                for grader in (evaluation.math, evaluation.code):
-                    if grader is not None and hasattr(grader, "close"):
-                        grader.close()
 
         progress = asyncio.run(go())
     for failure in progress.failed:

@@ -98,7 +98,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _hub_rows(repo_id: str, patterns: list[str]) -> list[dict[str, Any]]:
+def _hub_rows(repo_id: str, patterns: list[str], revision: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a Hub dataset snapshot; each row's ``_revision`` is the commit it came from (the snapshot
+    folder's name), so a run records exactly which data it graded against."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -106,7 +108,7 @@ def _hub_rows(repo_id: str, patterns: list[str]) -> list[dict[str, Any]]:
             "loading benchmark sets from the Hugging Face Hub needs huggingface-hub and pyarrow: "
             "pip install 'markov-rsa[hub]', or pass --data-dir with local JSONL copies"
         ) from None
-    local = Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=patterns))
+    local = Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=patterns, revision=revision))
     rows: list[dict[str, Any]] = []
     # The snapshot folder can hold more than was asked for (files cached earlier), so filter again.
     wanted = [p for p in sorted(local.rglob("*")) if any(fnmatch.fnmatch(p.relative_to(local).as_posix(), pat)
@@ -118,7 +120,14 @@ def _hub_rows(repo_id: str, patterns: list[str]) -> list[dict[str, Any]]:
             import pyarrow.parquet as pq
 
             rows.extend(pq.read_table(path).to_pylist())
+    for row in rows:
+        row["_revision"] = local.name
     return rows
+
+
+def _source(row: dict[str, Any], hub_id: str) -> str:
+    revision = row.get("_revision")
+    return f"{hub_id}@{revision}" if revision else str(row.get("source", hub_id))
 
 
 def load_math(task: str, data_dir: str | Path | None = None) -> list[Problem]:
@@ -136,8 +145,12 @@ def load_math(task: str, data_dir: str | Path | None = None) -> list[Problem]:
     for i, row in enumerate(rows):
         ident = row.get("id") or f"{task}_{row.get('problem_idx', i + 1)}"
         problems.append(Problem(id=str(ident), task=task, problem=str(row["problem"]), answer=str(row["answer"]),
-                                source=str(row.get("source", spec.hub_id))))
+                                source=_source(row, spec.hub_id), meta={"revision": row.get("_revision")}))
     return problems
+
+
+#: The most one problem's private tests may decompress to (the largest LiveCodeBench rows are tens of MiB).
+MAX_PRIVATE_TESTS_BYTES = 512 * 2**20
 
 
 class _NoGlobals(pickle.Unpickler):
@@ -153,7 +166,11 @@ def decode_private_tests(blob: str) -> list[dict[str, Any]]:
         return list(json.loads(blob))
     except (json.JSONDecodeError, TypeError):
         pass
-    raw = zlib.decompress(base64.b64decode(blob))
+    inflater = zlib.decompressobj()
+    raw = inflater.decompress(base64.b64decode(blob), MAX_PRIVATE_TESTS_BYTES + 1)
+    if len(raw) > MAX_PRIVATE_TESTS_BYTES or inflater.unconsumed_tail:
+        raise ConfigError("data", f"private tests decompress to more than {MAX_PRIVATE_TESTS_BYTES // 2**20} MiB; "
+                                  "refusing them (a damaged or hostile dataset row)")
     value = _NoGlobals(io.BytesIO(raw)).load()
     return list(json.loads(value) if isinstance(value, (str, bytes)) else value)
 
@@ -176,6 +193,7 @@ def lcb_problem(row: dict[str, Any]) -> Problem:
         func_name=meta.get("func_name"),
         starter_code=str(row.get("starter_code") or ""),
         meta={"contest_date": str(row.get("contest_date", "")), "difficulty": row.get("difficulty"),
+              "revision": row.get("_revision"),
               "platform": row.get("platform")},
     )
 

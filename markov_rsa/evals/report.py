@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from markov_rsa.errors import ConfigError
+from markov_rsa.evals.log import PROBLEMS_FILE, RUN_FILE, read_problems
 from markov_rsa.evals.metrics import Summary, summarise
-from markov_rsa.evals.runner import PROBLEMS_FILE, RUN_FILE, read_jsonl
 
 MATH_CREDIT = ("Math problem sets as published by MathArena (matharena.ai); problem statements belong to MAA (AIME) "
                "and HMMT.")
@@ -44,8 +44,11 @@ def load_run(path: Path) -> RunData:
     if not run_file.is_file():
         raise ConfigError("run", f"{path} is not a run directory (no {RUN_FILE}); give the --out of rsa eval")
     meta = json.loads(run_file.read_text(encoding="utf-8"))
-    records = list(read_jsonl(path / PROBLEMS_FILE))
-    return RunData(path, method_label(meta["config"]), meta["task"], meta["config"], meta.get("backend", {}),
+    records = read_problems(path / PROBLEMS_FILE)
+    backend = meta.get("backend", {})
+    if not isinstance(backend, dict):  # format 2 records kind and model side by side
+        backend = {"kind": backend, "model": meta.get("model"), "device": meta.get("device")}
+    return RunData(path, method_label(meta["config"]), meta["task"], meta["config"], backend,
                    summarise(records))
 
 

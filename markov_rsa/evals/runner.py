@@ -1,10 +1,9 @@
 """Evaluation runs: problems solved concurrently, every candidate logged as it finishes, resumable.
 
-A run directory holds ``run.json`` (what ran), ``candidates.jsonl`` (one line per graded
-candidate, appended and flushed as it finishes) and ``problems.jsonl`` (one line per problem and
-repeat once all of it is done). Re-running on the same directory skips every (problem, repeat)
-already in ``problems.jsonl``; candidates of an attempt that was killed before its problem line
-was written carry an attempt id no problem line names, so readers ignore them.
+The directory's format belongs to :mod:`markov_rsa.evals.log`. Re-running on the same directory
+skips every (problem, repeat) already in ``problems.jsonl``, provided the task, method, backend,
+prompts and package version match (or ``force``); candidates of an attempt that was killed before
+its problem line was written carry an attempt id no problem line names, so readers ignore them.
 """
 
 from __future__ import annotations
@@ -15,16 +14,29 @@ import json
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
+from markov_rsa import __version__
 from markov_rsa.backends.base import Backend
-from markov_rsa.errors import BackendRequestError, ConfigError
+from markov_rsa.errors import BackendRequestError
 from markov_rsa.evals.datasets import Problem
 from markov_rsa.evals.grading.code import CodeGrader
 from markov_rsa.evals.grading.math import MathGrader
+from markov_rsa.evals.grading.sandbox import Isolation, Sandbox
+from markov_rsa.evals.log import (
+    CANDIDATES_FILE,
+    FORMAT_VERSION,
+    PROBLEMS_FILE,
+    RUN_FILE,
+    JsonlWriter,
+    check_resumable,
+    locked,
+    read_meta,
+    read_problems,
+)
 from markov_rsa.evals.metrics import RoundScore, round_score
 from markov_rsa.rsa.config import RSAConfig
 from markov_rsa.rsa.engine import MarkovianRSA, derive_seed
@@ -33,7 +45,7 @@ from markov_rsa.rsa.prompts import CODE_PROBLEM_VERSION, code_problem_text, prom
 from markov_rsa.rsa.result import Candidate, RSAResult
 from markov_rsa.rsa.tasks import CodeTask, MathTask, Task
 
-RUN_FILE, CANDIDATES_FILE, PROBLEMS_FILE = "run.json", "candidates.jsonl", "problems.jsonl"
+__all__ = ["CANDIDATES_FILE", "PROBLEMS_FILE", "RUN_FILE", "EvalSpec", "Evaluation", "Progress"]
 
 
 @dataclass(frozen=True)
@@ -43,10 +55,22 @@ class EvalSpec:
     limit: int | None = None
     repeats: int = 1
     concurrency: int = 4
+    #: How code is isolated: bubblewrap (refuses to run without it) or, opted into, rlimits only.
+    isolation: Isolation = "bwrap"
+    #: Resume a directory even if what ran there differs.
+    force: bool = False
 
-    def identity(self) -> dict[str, Any]:
-        """What must match for a directory to be resumed: the same task and the same method."""
-        return {"task": self.task, "config": self.config.to_dict(), "repeats": self.repeats}
+    def identity(self, backend: Backend) -> dict[str, Any]:
+        """What must match for a directory to be resumed: task, method, backend, prompts, version."""
+        info = backend.info
+        version = self.config.prompt_version
+        return {
+            "task": self.task, "config": self.config.to_dict(), "repeats": self.repeats, "backend": info.kind,
+            "model": info.model, "package_version": __version__,
+            "prompts": {**{name: {"version": ps.version, "fingerprint": ps.fingerprint}
+                           for name in ("math", "aime", "code") for ps in [prompt_set(name, version)]},
+                        "code_problem": CODE_PROBLEM_VERSION},
+        }
 
 
 @dataclass
@@ -59,39 +83,6 @@ class Progress:
     correct: int = 0
     candidates: int = 0
     failed: list[str] = field(default_factory=list)
-
-
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Records of a JSONL log; a line cut short by a killed writer is skipped, not fatal."""
-    if not path.exists():
-        return
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                with contextlib.suppress(json.JSONDecodeError):
-                    yield json.loads(line)
-
-
-class _Log:
-    """An append-only JSONL file, flushed per record so a killed process loses no finished line."""
-
-    def __init__(self, path: Path) -> None:
-        if path.exists() and path.stat().st_size:
-            with path.open("rb") as handle:
-                handle.seek(-1, 2)
-                torn = handle.read(1) != b"\n"
-        else:
-            torn = False
-        self._handle: TextIO = path.open("a", encoding="utf-8")
-        if torn:  # a line cut short by a kill: end it so the next record starts clean
-            self._handle.write("\n")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._handle.flush()
-
-    def close(self) -> None:
-        self._handle.close()
 
 
 class PublicTests:
@@ -138,36 +129,47 @@ class Evaluation:
         self.problems = problems[: spec.limit] if spec.limit else problems
         self.out = out
         kinds = {p.kind for p in self.problems}
-        self.math = math_grader or (MathGrader() if "math" in kinds else None)
-        self.code = code_grader or (CodeGrader() if "code" in kinds else None)
+        # Graders made here are closed when the run ends; ones passed in belong to the caller.
+        self._owned: list[MathGrader] = []
+        self.math = math_grader
+        if self.math is None and "math" in kinds:
+            self.math = MathGrader()
+            self._owned.append(self.math)
+        # Code grading refuses to start without real isolation, before any generation is paid for.
+        self.code = code_grader or (CodeGrader(Sandbox(isolation=spec.isolation)) if "code" in kinds else None)
         self.progress = Progress()
 
     def _prepare(self) -> set[tuple[str, int]]:
-        self.out.mkdir(parents=True, exist_ok=True)
-        run_file = self.out / RUN_FILE
-        identity = self.spec.identity()
-        if run_file.exists():
-            previous = json.loads(run_file.read_text(encoding="utf-8"))
-            if {k: previous.get(k) for k in identity} != identity:
-                raise ConfigError("out", f"{self.out} holds a run of another task or configuration; use a new --out")
+        identity = self.spec.identity(self.backend)
+        previous = read_meta(self.out)
+        if previous is not None:
+            check_resumable(self.out, previous, identity, force=self.spec.force)
         else:
             info = self.backend.info
-            run_file.write_text(json.dumps({
-                **identity, "backend": {"kind": info.kind, "model": info.model, "device": info.device},
-                "prompts": {**{name: {"version": ps.version, "fingerprint": ps.fingerprint}
-                               for name in ("math", "aime", "code")
-                               for ps in [prompt_set(name, self.spec.config.prompt_version)]},
-                            "code_problem": CODE_PROBLEM_VERSION},
+            (self.out / RUN_FILE).write_text(json.dumps({
+                "format": FORMAT_VERSION, **identity, "device": info.device,
+                "isolation": self.code.sandbox.isolation if self.code else None,
+                # The Hub commit each set was read at (none for local --data-dir copies).
+                "data_revisions": sorted({str(p.meta["revision"]) for p in self.problems if p.meta.get("revision")}),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }, indent=2), encoding="utf-8")
-        return {(r["problem_id"], r["repeat"]) for r in read_jsonl(self.out / PROBLEMS_FILE)}
+        return {(r["problem_id"], r["repeat"]) for r in read_problems(self.out / PROBLEMS_FILE)}
 
     async def run(self, on_update: Callable[[Progress], None] | None = None) -> Progress:
+        """Run (or resume) the evaluation; only one process may write the directory at a time."""
+        try:
+            with locked(self.out):
+                return await self._run(on_update)
+        finally:
+            for grader in self._owned:
+                grader.close()
+
+    async def _run(self, on_update: Callable[[Progress], None] | None) -> Progress:
         done = self._prepare()
         jobs = [(p, r) for p in self.problems for r in range(self.spec.repeats) if (p.id, r) not in done]
         self.progress = Progress(total=len(self.problems) * self.spec.repeats,
                                  skipped=len(self.problems) * self.spec.repeats - len(jobs))
-        candidates, problems = _Log(self.out / CANDIDATES_FILE), _Log(self.out / PROBLEMS_FILE)
+        candidates, problems = JsonlWriter(self.out / CANDIDATES_FILE), JsonlWriter(self.out / PROBLEMS_FILE)
         semaphore = asyncio.Semaphore(self.spec.concurrency)
         notify = on_update or (lambda progress: None)
 
@@ -204,7 +206,7 @@ class Evaluation:
         assert self.math is not None and problem.answer is not None
         return await self.math.grade(candidate.answer, problem.answer, problem.integer_answers)
 
-    async def _solve(self, problem: Problem, repeat: int, log: _Log) -> dict[str, Any]:
+    async def _solve(self, problem: Problem, repeat: int, log: JsonlWriter) -> dict[str, Any]:
         attempt = uuid.uuid4().hex
         config = self.spec.config.replace(seed=self._seed(problem, repeat))
         public = PublicTests(self.code, problem) if problem.kind == "code" and self.code else None

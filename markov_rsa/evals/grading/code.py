@@ -2,7 +2,7 @@
 
 stdin problems compare stripped lines, falling back to exact decimal comparison token by token;
 call-based (LeetCode) problems call ``Solution().func(*args)`` with JSON-decoded arguments and
-compare JSON values with tuples read as lists.
+compare JSON values with tuples read as lists; what such a program prints is discarded.
 """
 
 from __future__ import annotations
@@ -93,8 +93,10 @@ class CodeGrader:
             )
         if outcome.status != "ok":
             return False, outcome.status
-        ok = functional_matches(outcome.stdout, test.output) if functional else stdin_matches(outcome.stdout,
-                                                                                             test.output)
+        # A call-based program's prints are discarded, as LiveCodeBench's harness does; its return value
+        # arrives on a channel of its own.
+        ok = (functional_matches(outcome.result or "", test.output) if functional
+              else stdin_matches(outcome.stdout, test.output))
         return ok, "ok" if ok else "wrong answer"
 
     async def run_tests(self, program: str | None, tests: Sequence[CodeTest], func_name: str | None, *,

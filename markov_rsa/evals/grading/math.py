@@ -1,17 +1,19 @@
 """Math grading: the last ``\\boxed{}`` answer, by symbolic equivalence (math-verify).
 
 math-verify enforces its timeouts with signals, which only work in a process's main thread, so
-grading runs in a process pool (one call per item, each in a worker's main thread) with a
+grading runs in worker processes (one item at a time, each in a worker's main thread) with a
 per-item deadline on top; a worker that overruns it is replaced.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import multiprocessing
+import multiprocessing.context
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
 
 from markov_rsa.errors import MissingDependencyError
 
@@ -47,45 +49,101 @@ def grade_one(prediction: str | None, gold: str, integer: bool, timeout: int = 5
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
 
 
-class MathGrader:
-    """Grades answers in worker processes; safe to share between concurrent evaluation tasks."""
+class _Worker:
+    """One grading process; it grades one item at a time, in its main thread (math-verify's signals)."""
 
-    def __init__(self, workers: int = 2, timeout: float = 10.0) -> None:
+    def __init__(self, context: multiprocessing.context.SpawnContext, fn: GradeFn) -> None:
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, fn), daemon=True)
+        self.process.start()
+        child.close()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
+
+
+def _serve(conn: Connection, fn: GradeFn) -> None:
+    while True:
+        try:
+            item = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            conn.send(bool(fn(*item)))
+        except Exception:  # a parser crash on adversarial input grades wrong
+            conn.send(False)
+
+
+GradeFn = Callable[[str, str, bool], bool]
+
+
+class MathGrader:
+    """Grades answers in worker processes; safe to share between concurrent evaluation tasks.
+
+    Each item's deadline starts when a worker takes it, not while it waits in line, and an item
+    that overruns it costs only its own worker (killed and replaced): others grading at the same
+    time are untouched. ``close()`` ends every worker; use the grader as a context manager.
+    """
+
+    def __init__(self, workers: int = 2, timeout: float = 10.0, *, grade_fn: GradeFn | None = None) -> None:
         try:
             import math_verify  # noqa: F401
         except ImportError:
             raise MissingDependencyError("math grading needs math-verify: pip install 'markov-rsa[evals]'") from None
         self.workers = workers
         self.timeout = timeout
-        self._pool = self._new_pool()
+        self._fn: GradeFn = grade_fn or grade_one
+        self._context = multiprocessing.get_context("spawn")
+        self._idle: list[_Worker] = []
+        self._started = 0
+        self._lock = threading.Lock()
+        self._available = threading.Semaphore(workers)
+        self._closed = False
 
-    def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
-        return concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+    def _take(self) -> _Worker:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the math grader is closed")
+            if self._idle:
+                return self._idle.pop()
+            self._started += 1
+        return _Worker(self._context, self._fn)
+
+    def _grade_blocking(self, item: tuple[str, str, bool]) -> bool:
+        with self._available:
+            worker = self._take()
+            try:
+                worker.conn.send(item)
+                if worker.conn.poll(self.timeout):  # the deadline starts now, with a worker on it
+                    result = bool(worker.conn.recv())
+                    with self._lock:
+                        if not self._closed:
+                            self._idle.append(worker)
+                            worker = None  # type: ignore[assignment]
+                    return result
+                return False  # overran: this worker alone is replaced
+            except (EOFError, OSError, BrokenPipeError):
+                return False
+            finally:
+                if worker is not None:
+                    worker.kill()
 
     async def grade(self, prediction: str | None, gold: str, integer: bool) -> bool:
         if prediction is None or not prediction.strip():
             return False
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool, grade_one, prediction, gold, integer)
-        try:
-            return await asyncio.wait_for(future, self.timeout)
-        except (asyncio.TimeoutError, concurrent.futures.process.BrokenProcessPool):
-            self._restart()
-            return False
-        except Exception:  # a parser crash on adversarial input grades wrong, never crashes the run
-            return False
+        return await asyncio.to_thread(self._grade_blocking, (prediction, gold, integer))
 
     async def grade_many(self, items: Sequence[tuple[str | None, str, bool]]) -> list[bool]:
         return list(await asyncio.gather(*(self.grade(*item) for item in items)))
 
-    def _restart(self) -> None:
-        old, self._pool = self._pool, self._new_pool()
-        for process in list(getattr(old, "_processes", {}).values()):
-            process.kill()
-        old.shutdown(wait=False, cancel_futures=True)
-
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.kill()
 
     def __enter__(self) -> MathGrader:
         return self
