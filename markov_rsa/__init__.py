@@ -29,6 +29,7 @@ from markov_rsa.rsa import (
     Event,
     MarkovianRSA,
     RoundFinished,
+    RoundProgress,
     RoundRecord,
     RoundStarted,
     RSAConfig,
@@ -45,6 +46,7 @@ __all__ = [
     "PRESETS", "AuthenticationError", "Backend", "BackendError", "BackendInfo", "BackendRequestError",
     "BackendUnavailableError", "Candidate", "CandidateFinished", "ConfigError", "Event", "Generation",
     "GenerationRequest", "MarkovRSAError", "MarkovianRSA", "MissingDependencyError", "ModelNotFoundError",
-    "RSAConfig", "RSAResult", "RoundFinished", "RoundRecord", "RoundStarted", "RunFinished", "RunStarted",
+    "RSAConfig", "RSAResult", "RoundFinished", "RoundProgress", "RoundRecord", "RoundStarted", "RunFinished",
+    "RunStarted",
     "SamplingParams", "Usage", "__version__", "solve",
 ]

@@ -1,4 +1,4 @@
-"""Real HTTP servers on 127.0.0.1 for the tests: llama.cpp's, and a fault-injecting one of our own.
+"""Real HTTP servers on 127.0.0.1 for the tests: llama.cpp's own, and loopback ones of our own.
 
 The fault server speaks enough of the OpenAI and vLLM APIs (chat, completions, tokenize,
 detokenize with one character per token) to drive full runs, and misbehaves on demand per
@@ -50,26 +50,6 @@ def wait_until_up(url: str, *, timeout: float = 120.0, process: subprocess.Popen
     raise TimeoutError(f"{url} did not come up in {timeout}s")
 
 
-@contextlib.contextmanager
-def llama_cpp_server(gguf: str, *, n_ctx: int = 4096) -> Iterator[str]:
-    """llama-cpp-python's OpenAI-compatible server on a free loopback port; yields its /v1 URL."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
-         "--n_ctx", str(n_ctx), "--n_threads", "2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/v1/models", process=process)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
 def llama_server_binary() -> str:
     """llama.cpp's C++ server, built once by tools/build-llama-server.sh (``make test`` runs it first and
     passes the path in MARKOV_RSA_LLAMA_SERVER; a bare pytest run builds it here)."""
@@ -90,7 +70,7 @@ def llama_server(gguf: str, *, n_ctx: int = 4096, slots: int = 4) -> Iterator[st
     port = free_port()
     process = subprocess.Popen(
         [llama_server_binary(), "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-c", str(n_ctx * slots),
-         "-np", str(slots), "-t", "2", "--no-webui"],
+         "-np", str(slots), "-t", "2", "--no-webui", "--metrics"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -126,7 +106,47 @@ def serve_app(app: Any) -> Iterator[str]:
         sock.close()
 
 
-Fault = str  # "429", "500", "503", "hang", "cut", "badjson", "nochoices", "401", "404", "400"
+def sse_chunks(completion: dict[str, Any], *, piece: int = 8) -> list[dict[str, Any]]:
+    """A finished chat or text completion as the chunks a server streams: content (and reasoning) in
+    pieces of ``piece`` characters, then the finish reason, then usage."""
+    choice = completion["choices"][0]
+    chunks: list[dict[str, Any]] = []
+    base = {"id": completion.get("id", "x"), "model": completion.get("model"), "created": 0}
+    if "text" in choice:
+        text = choice["text"]
+        for i in range(0, len(text), piece):
+            chunks.append({**base, "object": "text_completion",
+                           "choices": [{"index": 0, "text": text[i:i + piece], "finish_reason": None}]})
+        chunks.append({**base, "object": "text_completion",
+                       "choices": [{"index": 0, "text": "", "finish_reason": choice["finish_reason"]}]})
+    else:
+        message = choice["message"]
+        chunks.append({**base, "object": "chat.completion.chunk",
+                       "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
+        for key in ("reasoning_content", "content"):
+            text = message.get(key) or ""
+            for i in range(0, len(text), piece):
+                chunks.append({**base, "object": "chat.completion.chunk",
+                               "choices": [{"index": 0, "delta": {key: text[i:i + piece]}, "finish_reason": None}]})
+        chunks.append({**base, "object": "chat.completion.chunk",
+                       "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]})
+    chunks.append({**base, "choices": [], "usage": completion.get("usage")})
+    return chunks
+
+
+def sse(chunks: list[dict[str, Any]], *, delay: float = 0.0, done: bool = True) -> StreamingResponse:
+    async def body() -> Any:
+        for chunk in chunks:
+            if delay:
+                await asyncio.sleep(delay)
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+        if done:
+            yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+Fault = str  # "429", "500", "503", "hang", "cut", "badjson", "nochoices", "401", "404", "400", "cutstream"
 
 
 @dataclass
@@ -176,9 +196,11 @@ class FaultServer:
         return f"Working on it, step {seed}. The answer is \\boxed{{{seed % 3}}}."
 
     async def _generate(self, request: Request) -> Response:
-        body = await request.json()
-        self.bodies.append(body)
         self.headers.append(dict(request.headers))
+        return await self._generate_from(await request.json())
+
+    async def _generate_from(self, body: dict[str, Any]) -> Response:
+        self.bodies.append(body)
         key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         attempt = self.calls[key]
         self.calls[key] += 1
@@ -191,24 +213,37 @@ class FaultServer:
             if delay:
                 await asyncio.sleep(delay)
             if fault is not None:
-                return await self._fail(fault)
+                return await self._fail(fault, streamed=bool(body.get("stream")))
             self.answered[key] += 1
-            return JSONResponse(self._completion(body))
+            completion = self._completion(body)
+            if body.get("stream"):
+                return sse(sse_chunks(completion))
+            return JSONResponse(completion)
         finally:
             self.in_flight -= 1
 
-    async def _fail(self, fault: Fault) -> Response:
+    async def _fail(self, fault: Fault, *, streamed: bool = False) -> Response:
         if fault == "hang":
             await asyncio.sleep(self.hang)
             return JSONResponse({"error": {"message": "too late"}}, status_code=500)
+        if fault == "cut" and streamed:
+            async def cut_stream() -> Any:
+                yield b'data: {"choices": [{"index": 0, "delta": {"content": "par"}, "finish_reason": null}]}\n\n'
+                raise ConnectionResetError("cut mid-stream")
+
+            return StreamingResponse(cut_stream(), media_type="text/event-stream")
         if fault == "cut":
             async def broken() -> Any:
                 yield b'{"choices": [{"message": {"content": "par'
                 raise ConnectionResetError("cut mid-body")
 
             return StreamingResponse(broken(), media_type="application/json")
+        if fault == "badjson" and streamed:
+            return Response(b"data: {this is not json\n\n", media_type="text/event-stream")
         if fault == "badjson":
             return Response(b'{"choices": [ this is not json', media_type="application/json")
+        if fault == "nochoices" and streamed:  # a stream that ends before the generation finished
+            return sse([{"choices": [{"index": 0, "delta": {"content": "half"}, "finish_reason": None}]}], done=False)
         if fault == "nochoices":
             return JSONResponse({"id": "x", "choices": [], "usage": {}})
         status = int(fault)
@@ -235,9 +270,33 @@ class FaultServer:
         return {"choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage}
 
 
+THINK, END_THINK = 100_000, 100_001
+
+
+def encode(text: str) -> list[int]:
+    """The loopback servers' tokenizer: one character per token, ``<think>`` and ``</think>`` one each."""
+    ids: list[int] = []
+    i = 0
+    while i < len(text):
+        if text.startswith("<think>", i):
+            ids.append(THINK)
+            i += len("<think>")
+        elif text.startswith("</think>", i):
+            ids.append(END_THINK)
+            i += len("</think>")
+        else:
+            ids.append(ord(text[i]))
+            i += 1
+    return ids
+
+
+def decode(ids: list[int]) -> str:
+    return "".join("<think>" if t == THINK else "</think>" if t == END_THINK else chr(t) for t in ids)
+
+
 @dataclass
 class VLLMLike:
-    """A loopback server that behaves like vLLM where the tests need it to, one character per token.
+    """A loopback server that behaves like vLLM where the tests need it to (see ``encode``).
 
     - Sampling fields a request leaves out are filled from the model's ``generation_config``, as vLLM
       does (``--generation-config auto``); ``effective`` records what each request ran with.
@@ -246,6 +305,10 @@ class VLLMLike:
     - The chat template is ``<|role|>content`` per message, then ``<|assistant|><think>`` (it opens
       the think block itself); ``continue_final_message`` continues the last assistant message.
     - ``/tokenize`` takes ``prompt`` or ``messages``; ``/v1/completions`` takes text or token ids.
+    - Streams one token per chunk at ``token_rate`` tokens/s (as fast as it can when None), with the
+      generated ids when ``return_token_ids`` is set and usage when ``stream_options`` asks.
+    - A prefix cache of 16-token blocks: ``usage.prompt_tokens_details.cached_tokens`` says how much
+      of a prompt it already held.
     - A prompt longer than ``max_model_len`` gets vLLM's 400.
     ``output(prompt_text, body)`` gives the full text the model would write after the prompt.
     """
@@ -255,9 +318,15 @@ class VLLMLike:
                                                                        "top_k": 20})
     reasoning_parser: bool = True
     max_model_len: int = 100_000
+    token_rate: float | None = None
     bodies: list[dict[str, Any]] = field(default_factory=list)
     effective: list[dict[str, Any]] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
+    requests: Counter[str] = field(default_factory=Counter)
+    generated: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    _blocks: set[int] = field(default_factory=set)
 
     def app(self) -> Starlette:
         return Starlette(routes=[
@@ -280,21 +349,24 @@ class VLLMLike:
         return JSONResponse({"object": "list", "data": [{"id": "vllm-like", "object": "model"}]})
 
     async def _tokenize(self, request: Request) -> Response:
+        self.requests["tokenize"] += 1
         body = await request.json()
         if "messages" in body:
             text = self.render(body["messages"], add_generation_prompt=body.get("add_generation_prompt", True))
         else:
             text = body["prompt"]
-        return JSONResponse({"tokens": [ord(c) for c in text], "count": len(text), "max_model_len": self.max_model_len})
+        ids = encode(text)
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len})
 
     async def _detokenize(self, request: Request) -> Response:
+        self.requests["detokenize"] += 1
         body = await request.json()
-        return JSONResponse({"prompt": "".join(chr(t) for t in body["tokens"])})
+        return JSONResponse({"prompt": decode(body["tokens"])})
 
     def _sampling(self, body: dict[str, Any]) -> dict[str, Any]:
         return {name: body.get(name, self.generation_config.get(name)) for name in ("temperature", "top_p", "top_k")}
 
-    def _too_long(self, prompt: str, body: dict[str, Any]) -> Response | None:
+    def _too_long(self, prompt: list[int], body: dict[str, Any]) -> Response | None:
         wanted = len(prompt) + int(body.get("max_tokens") or 0)
         if wanted <= self.max_model_len:
             return None
@@ -304,36 +376,105 @@ class VLLMLike:
         return JSONResponse({"object": "error", "message": message, "type": "BadRequestError", "param": None,
                              "code": 400}, status_code=400)
 
-    def _generate(self, prompt: str, body: dict[str, Any]) -> tuple[str, str]:
+    def _cache(self, prompt: list[int]) -> int:
+        """Tokens of ``prompt`` already in the prefix cache (whole 16-token blocks); then cache it all."""
+        cached, key = 0, 0
+        hit = True
+        for start in range(0, len(prompt) - len(prompt) % 16, 16):
+            key = hash((key, tuple(prompt[start:start + 16])))
+            if hit and key in self._blocks:
+                cached += 16
+            else:
+                hit = False
+                self._blocks.add(key)
+        return cached
+
+    async def _serve(self, prompt_text: str, body: dict[str, Any], completions: bool) -> Response:
+        prompt = encode(prompt_text)
+        if (error := self._too_long(prompt, body)) is not None:
+            return error
         self.bodies.append(body)
         self.effective.append(self._sampling(body))
-        self.prompts.append(prompt)
-        text = self.output(prompt, body)
+        self.prompts.append(prompt_text)
+        ids = encode(self.output(prompt_text, body))
         max_tokens = int(body.get("max_tokens") or 10**9)
-        return (text[:max_tokens], "length") if len(text) > max_tokens else (text, "stop")
+        finish = "stop"
+        if len(ids) > max_tokens:
+            ids, finish = ids[:max_tokens], "length"
+        cached = self._cache(prompt)
+        self.prompt_tokens += len(prompt)
+        self.cached_tokens += cached
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": len(ids), "total_tokens": len(prompt) + len(ids),
+                 "prompt_tokens_details": {"cached_tokens": cached}}
+        with_ids = bool(body.get("return_token_ids"))
+        split = (ids.index(END_THINK) if END_THINK in ids else len(ids)) if self.reasoning_parser and not completions \
+            else None
+        if not body.get("stream"):
+            self.generated += len(ids)
+            choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+            if completions:
+                choice["text"] = decode(ids)
+            elif split is None:
+                choice["message"] = {"role": "assistant", "content": decode(ids)}
+            else:
+                choice["message"] = {"role": "assistant", "reasoning_content": decode(ids[:split]),
+                                     "content": decode(ids[split + 1:]) if split < len(ids) else None}
+            if with_ids:
+                choice["token_ids"] = ids
+            return JSONResponse({"id": "x", "model": body.get("model"), "choices": [choice], "usage": usage})
+
+        async def stream() -> Any:
+            for n, token in enumerate(ids):
+                if self.token_rate:
+                    await asyncio.sleep(1 / self.token_rate)
+                self.generated += 1
+                piece = decode([token])
+                if completions:
+                    choice = {"index": 0, "text": piece, "finish_reason": None}
+                elif split is not None and n == split:
+                    choice = {"index": 0, "delta": {}, "finish_reason": None}  # the parser eats </think>
+                else:
+                    key = "reasoning_content" if split is not None and n < split else "content"
+                    choice = {"index": 0, "delta": {key: piece}, "finish_reason": None}
+                if with_ids:
+                    choice["token_ids"] = [token]
+                yield f"data: {json.dumps({'id': 'x', 'choices': [choice]})}\n\n".encode()
+            end = {"index": 0, "finish_reason": finish, **({"text": ""} if completions else {"delta": {}})}
+            yield f"data: {json.dumps({'id': 'x', 'choices': [end]})}\n\n".encode()
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield f"data: {json.dumps({'id': 'x', 'choices': [], 'usage': usage})}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
 
     async def _chat(self, request: Request) -> Response:
+        self.requests["chat"] += 1
         body = await request.json()
         prompt = self.render(body["messages"], continue_final=bool(body.get("continue_final_message")))
-        if (error := self._too_long(prompt, body)) is not None:
-            return error
-        text, finish = self._generate(prompt, body)
-        message: dict[str, Any] = {"role": "assistant", "content": text}
-        if self.reasoning_parser:
-            close = text.find("</think>")
-            reasoning, content = (text[:close], text[close + len("</think>"):]) if close >= 0 else (text, None)
-            message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
-        usage = {"prompt_tokens": len(prompt), "completion_tokens": len(text), "total_tokens": len(prompt) + len(text)}
-        return JSONResponse({"id": "chatcmpl-x", "object": "chat.completion", "model": body.get("model"),
-                             "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage})
+        return await self._serve(prompt, body, completions=False)
 
     async def _completions(self, request: Request) -> Response:
+        self.requests["completions"] += 1
         body = await request.json()
         raw = body["prompt"]
-        prompt = "".join(chr(t) for t in raw) if isinstance(raw, list) else str(raw)
-        if (error := self._too_long(prompt, body)) is not None:
-            return error
-        text, finish = self._generate(prompt, body)
-        usage = {"prompt_tokens": len(prompt), "completion_tokens": len(text), "total_tokens": len(prompt) + len(text)}
-        return JSONResponse({"id": "cmpl-x", "object": "text_completion", "model": body.get("model"),
-                             "choices": [{"index": 0, "text": text, "finish_reason": finish}], "usage": usage})
+        prompt = decode(raw) if isinstance(raw, list) else str(raw)
+        return await self._serve(prompt, body, completions=True)
+
+
+async def replica_cache_hits(affinity: bool, problems: list[str]) -> tuple[float, list[Counter[int]]]:
+    """Solve ``problems`` at once over three VLLMLike replicas; returns the servers' prefix-cache hit rate
+    (cached / prompt tokens) and, per problem, how many of its prompts each replica served."""
+    from markov_rsa import MarkovianRSA, RSAConfig
+    from markov_rsa.backends.openai import OpenAIBackend
+
+    servers = [VLLMLike(lambda prompt, body: "r" * 40 + "</think>The answer is \\boxed{7}.") for _ in range(3)]
+    with contextlib.ExitStack() as stack:
+        urls = [f"{stack.enter_context(serve_app(s.app()))}/v1" for s in servers]
+        backend = OpenAIBackend(urls, model="m", affinity=affinity, max_concurrency=64)
+        config = RSAConfig(population=8, k=3, rounds=2, budget=200, tail=40, seed=1)
+        await asyncio.gather(*(MarkovianRSA(backend, config).solve(p) for p in problems))
+        await backend.aclose()
+    rate = sum(s.cached_tokens for s in servers) / sum(s.prompt_tokens for s in servers)
+    placement = [Counter({i: sum(p in prompt for prompt in s.prompts) for i, s in enumerate(servers)})
+                 for p in problems]
+    return rate, placement

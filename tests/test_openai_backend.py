@@ -22,7 +22,7 @@ from markov_rsa import (
     SamplingParams,
 )
 from markov_rsa.backends.openai import OpenAIBackend, RetryPolicy
-from tests.servers import FaultServer, free_port, llama_cpp_server, serve_app
+from tests.servers import FaultServer, free_port, llama_server, serve_app
 
 FAST = RetryPolicy(max_attempts=6, initial_backoff=0.01, max_backoff=0.05, cooldown=5)
 SMALL = RSAConfig(population=4, k=2, rounds=2, budget=200, tail=20, seed=0)
@@ -35,7 +35,7 @@ def gguf_path() -> str:
 
 @pytest.fixture(scope="module")
 def llama_url():
-    with llama_cpp_server(gguf_path()) as url:
+    with llama_server(gguf_path()) as url:
         yield url
 
 
@@ -192,10 +192,10 @@ async def test_a_retry_goes_to_another_replica_than_the_one_that_failed(fault):
     assert broken.calls and max(broken.calls.values()) == 1, "no request went back to the failing replica"
 
 
-async def test_load_is_spread_over_replicas_least_busy_first():
+async def test_without_affinity_load_is_spread_over_replicas_least_busy_first():
     servers = [FaultServer(delay=0.05), FaultServer(delay=0.05)]
     with serve_app(servers[0].app()) as a, serve_app(servers[1].app()) as b:
-        backend = OpenAIBackend([f"{a}/v1", f"{b}/v1"], model="m", retry=FAST)
+        backend = OpenAIBackend([f"{a}/v1", f"{b}/v1"], model="m", retry=FAST, affinity=False)
         await MarkovianRSA(backend, SMALL.replace(population=8, k=2)).solve("p")
     served = [sum(s.answered.values()) for s in servers]
     assert sum(served) == 24 and min(served) >= 8, f"load not spread: {served}"

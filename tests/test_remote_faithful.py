@@ -11,7 +11,7 @@ import pytest
 
 from markov_rsa import BackendRequestError, GenerationRequest, MarkovianRSA, RSAConfig, SamplingParams
 from markov_rsa.backends.openai import OpenAIBackend, RetryPolicy
-from tests.servers import VLLMLike, llama_server, serve_app
+from tests.servers import VLLMLike, encode, llama_server, serve_app
 from tests.test_openai_backend import gguf_path
 
 FAST = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
@@ -63,8 +63,8 @@ async def test_chunks_continue_from_exact_token_ids_over_completions(vllm):
     completions = [b for b in vllm.bodies if "prompt" in b]
     assert len(chat) == 1 and len(completions) == 3 and not any("continue_final_message" in b for b in vllm.bodies)
     template = VLLMLike.render([{"role": "user", "content": chat[0]["messages"][0]["content"]}])
-    assert completions[0]["prompt"] == [ord(c) for c in template + FULL[30:50]]
-    assert completions[2]["prompt"] == [ord(c) for c in template + FULL[130:150]]
+    assert completions[0]["prompt"] == encode(template + FULL[30:50])
+    assert completions[2]["prompt"] == encode(template + FULL[130:150])
     candidate = result.rounds[0].candidates[0]
     assert candidate.chunks == 4 and candidate.reasoning == FULL[: FULL.index("</think>")]
     assert result.answer == "12", "the answer written in the last chunk is read from the joined text"

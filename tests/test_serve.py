@@ -15,7 +15,7 @@ import pytest
 from markov_rsa import RSAConfig
 from markov_rsa.backends.openai import OpenAIBackend
 from markov_rsa.cli.serve import ServerSettings, create_app
-from tests.servers import FaultServer, free_port, llama_cpp_server, serve_app, wait_until_up
+from tests.servers import FaultServer, free_port, llama_server, serve_app, wait_until_up
 from tests.test_openai_backend import FAST, gguf_path
 
 SMALL = RSAConfig(population=2, k=2, rounds=1, budget=24, tail=8, seed=0, task="generic", preset="small")
@@ -24,7 +24,7 @@ HELLO = [{"role": "user", "content": "What is 2 + 2?"}]
 
 @pytest.fixture(scope="module")
 def upstream():
-    with llama_cpp_server(gguf_path()) as url:
+    with llama_server(gguf_path()) as url:
         yield url
 
 

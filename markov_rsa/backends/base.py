@@ -8,7 +8,7 @@ tokenizer so that tails and chunk carry-overs are cut on exact model tokens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -50,6 +50,12 @@ class GenerationRequest:
     assistant_prefix_ids: tuple[int, ...] | None = None
     #: Free-form labels for logs and tracing (round, index); backends must not depend on them.
     tags: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: Requests with the same key share a prompt prefix (one run's problem): a backend with several
+    #: replicas sends them where that prefix is already cached.
+    affinity: str | None = field(default=None, compare=False)
+    #: Called with the number of tokens generated so far while a generation streams (from the
+    #: backend's own task; it must be cheap and must not raise).
+    on_progress: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,14 @@ class Generation:
     token_ids: tuple[int, ...] | None = None
     #: Seconds the backend spent on this request, queueing included.
     latency: float = 0.0
+    #: Tokens of earlier attempts that failed part-way: paid for, then thrown away.
+    discarded_tokens: int = 0
+    #: Prompt tokens the server found in its prefix cache, where it says.
+    cached_prompt_tokens: int | None = None
+    #: Requests this generation took (retries included).
+    requests: int = 1
+    #: Tool calls the model made (OpenAI format: id, type, function name and JSON arguments).
+    tool_calls: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)

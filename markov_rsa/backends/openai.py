@@ -1,38 +1,38 @@
 """OpenAIBackend: any OpenAI-compatible endpoint (vLLM, SGLang, llama.cpp, Zyphra Cloud), async.
 
-Requests of a round go out at once, bounded by ``max_concurrency`` and spread over one or more
-base URLs, least busy first; an endpoint that keeps failing is taken out of rotation for a while
-and the others carry on. Transient faults (408/409/429/5xx, timeouts, dropped connections, broken
-bodies) are retried with jittered exponential backoff that honours ``Retry-After``, capped in
-attempts and in total time; requests that cannot succeed (400/401/403/404) fail at once with a
-message that says what to fix.
+Every generation streams (SSE) and is read as it arrives, so a rollout that thinks for twenty
+minutes is never cut off by a timeout: ``timeout`` bounds the connect and the longest silence
+between chunks, and an optional ``deadline`` bounds a whole request. Requests of a round go out at
+once, bounded by ``max_concurrency`` and spread over replicas (:mod:`~markov_rsa.backends.replicas`:
+one run's requests go where its prompt prefix is cached). Transient faults (408/409/425/429/5xx,
+timeouts, dropped connections, malformed bodies or streams) are retried with jittered exponential
+backoff that honours ``Retry-After`` (:class:`~markov_rsa.backends.retry.RetryPolicy`); requests that
+cannot succeed (400/401/403/404) fail at once with a message that says what to fix. Every retry
+decision is logged at debug level under ``markov_rsa.backends.openai``.
 
-The API key is held privately: it is sent as a header and never appears in a repr, a log line,
-an error message or a result.
+Where the server returns the generated token ids (vLLM's ``return_token_ids``), tails are cut from
+them, with no tokenize call. The API key is held privately: it is sent as a header and never
+appears in a repr, a log line, an error message or a result.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import json
+import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
 
-from markov_rsa.backends.base import (
-    APPROX_CHARS_PER_TOKEN,
-    BackendInfo,
-    FinishReason,
-    Generation,
-    GenerationRequest,
-    TokenizerKind,
-)
+from markov_rsa.backends.base import BackendInfo, Generation, GenerationRequest, TokenizerKind
+from markov_rsa.backends.replicas import Replica, ReplicaPool
+from markov_rsa.backends.retry import RetryPolicy, Timeouts, parse_retry_after
+from markov_rsa.backends.sse import MalformedReply, StreamReader
 from markov_rsa.errors import (
     AuthenticationError,
     BackendRequestError,
@@ -41,9 +41,15 @@ from markov_rsa.errors import (
     ModelNotFoundError,
 )
 
+__all__ = ["OpenAIBackend", "RetryPolicy", "Timeouts"]
+
+logger = logging.getLogger("markov_rsa.backends.openai")
+
 RETRY_STATUSES = frozenset({408, 409, 425, 429})
 #: Connections per httpx pool; more concurrency is spread over several pools.
 SHARD_CONNECTIONS = 32
+#: Request fields only some servers take: dropped (once, with a log line) when a server refuses them.
+OPTIONAL_FIELDS = ("return_token_ids", "top_k", "stream_options")
 
 
 @dataclass
@@ -52,52 +58,12 @@ class _Shard:
     in_flight: int = 0
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How transient failures are retried. ``max_elapsed`` bounds one request's total time."""
-
-    max_attempts: int = 6
-    initial_backoff: float = 0.5
-    max_backoff: float = 30.0
-    max_elapsed: float = 900.0
-    #: How long an endpoint that failed ``eject_after`` times in a row stays out of rotation.
-    cooldown: float = 30.0
-    eject_after: int = 3
-
-    def backoff(self, attempt: int, rng: random.Random) -> float:
-        ceiling = min(self.max_backoff, self.initial_backoff * 2**attempt)
-        return rng.uniform(ceiling / 2, ceiling)  # "equal jitter": never zero, never synchronised
-
-
-@dataclass
-class _Endpoint:
-    url: str
-    in_flight: int = 0
-    consecutive_failures: int = 0
-    down_until: float = 0.0
-    served: int = 0
-
-    @property
-    def root(self) -> str:
-        """The server root (tokenizer endpoints live beside /v1, not under it)."""
-        return self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
-
-
 class _Transient(Exception):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, spent: int = 0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value)
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+        #: Tokens the failed attempt had already streamed (paid for, thrown away).
+        self.spent = spent
 
 
 def _server_message(response: httpx.Response) -> str:
@@ -109,7 +75,7 @@ def _server_message(response: httpx.Response) -> str:
         err = body.get("error", body)
         if isinstance(err, dict):
             return str(err.get("message") or err.get("detail") or err)[:300]
-        return str(body.get("detail") or err)[:300]
+        return str(body.get("detail") or body.get("message") or err)[:300]
     return str(body)[:300]
 
 
@@ -137,9 +103,16 @@ class OpenAIBackend:
     extra_body: Mapping[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None
     max_concurrency: int = 64
+    #: Seconds for the connect and the longest silence between two streamed chunks.
     timeout: float = 600.0
     connect_timeout: float = 10.0
+    #: Seconds for a whole request, streaming included (None: no limit).
+    deadline: float | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: Stream generations (off only for servers that cannot).
+    stream: bool = True
+    #: Send one run's requests to the replica that holds its prompt prefix.
+    affinity: bool = True
     transport: httpx.AsyncBaseTransport | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -149,7 +122,7 @@ class OpenAIBackend:
         for url in urls:
             if not url.startswith(("http://", "https://")):
                 raise BackendRequestError(f"base_url: {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
-        self._endpoints = [_Endpoint(u.rstrip("/")) for u in urls]
+        self._pool = ReplicaPool([u.rstrip("/") for u in urls], self.retry, affinity=self.affinity)
         self._clients: dict[int, list[_Shard]] = {}
         self._semaphores: dict[int, asyncio.Semaphore] = {}
         self._rng = random.Random()
@@ -158,6 +131,12 @@ class OpenAIBackend:
         self._tokenizer_kind: TokenizerKind | None = None
         self._probe_lock: asyncio.Lock | None = None
         self._template_cache: dict[str, list[int]] = {}
+        self._refused: set[str] = set()
+        self._think_close: int | None = None
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return Timeouts(silence=self.timeout, connect=self.connect_timeout, deadline=self.deadline)
 
     # -- plumbing -----------------------------------------------------------------------------
     def _new_client(self, connections: int) -> httpx.AsyncClient:
@@ -191,24 +170,10 @@ class OpenAIBackend:
             self._semaphores[loop] = asyncio.Semaphore(self.max_concurrency)
         return self._semaphores[loop]
 
-    def _pick(self, avoid: _Endpoint | None = None) -> _Endpoint:
-        """The least busy live endpoint; a retry goes elsewhere than ``avoid`` (where it just failed)
-        whenever another live endpoint exists."""
-        now = time.monotonic()
-        live = [e for e in self._endpoints if e.down_until <= now and e is not avoid] or [
-            e for e in self._endpoints if e.down_until <= now
-        ]
-        pool = live or [min(self._endpoints, key=lambda e: e.down_until)]
-        return min(pool, key=lambda e: (e.in_flight, e.served))
-
     @property
     def endpoints(self) -> list[dict[str, Any]]:
-        """Load and health per endpoint (for status displays and tests)."""
-        now = time.monotonic()
-        return [
-            {"url": e.url, "in_flight": e.in_flight, "served": e.served, "healthy": e.down_until <= now}
-            for e in self._endpoints
-        ]
+        """Load and health per replica (for status displays and tests)."""
+        return self._pool.status()
 
     @property
     def info(self) -> BackendInfo:
@@ -217,12 +182,13 @@ class OpenAIBackend:
             model=self.model,
             device=None,
             tokenizer=self._tokenizer_kind or "approximate",
-            extra={"endpoints": [e.url for e in self._endpoints], "api": self.endpoint},
+            extra={"endpoints": [r.url for r in self._pool.replicas], "api": self.endpoint},
         )
 
     def __repr__(self) -> str:
         key = "set" if self.api_key else "none"
-        return f"OpenAIBackend(base_url={[e.url for e in self._endpoints]!r}, model={self.model!r}, api_key={key})"
+        urls = [r.url for r in self._pool.replicas]
+        return f"OpenAIBackend(base_url={urls!r}, model={self.model!r}, api_key={key})"
 
     async def aclose(self) -> None:
         loops, self._clients = list(self._clients.values()), {}
@@ -231,7 +197,7 @@ class OpenAIBackend:
                 with contextlib.suppress(RuntimeError):  # its loop is gone; nothing left to release
                     await shard.client.aclose()
 
-    # -- generation ---------------------------------------------------------------------------
+    # -- request bodies -----------------------------------------------------------------------
     def _top_k_disabled(self) -> int:
         """Top-k off, in the form the server accepts: -1 for vLLM and SGLang, 0 for llama.cpp."""
         return 0 if self._route is not None and self._route.style.startswith("llamacpp") else -1
@@ -248,6 +214,11 @@ class OpenAIBackend:
             body["seed"] = s.seed
         if s.stop:
             body["stop"] = list(s.stop)
+        if self.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        if self._route is not None and self._route.style == "vllm":
+            body["return_token_ids"] = True  # exact tails without a tokenize call
         return body
 
     def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
@@ -277,57 +248,157 @@ class OpenAIBackend:
             if self._tokenizer_kind is None:
                 self._tokenizer_kind = await self._probe_tokenizer()
 
+    # -- generation ---------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> Generation:
         start = time.perf_counter()
         await self.ready()  # the server's flavour decides how top-k is disabled
+        completions = self.endpoint == "completions"
         if request.assistant_prefix_ids is not None and self._renders_chat_ids():
             # Continue a chunk from exact token ids: the chat template's ids, then the carried ids.
             body = self._sampling_fields(request)
             body["prompt"] = [*await self._chat_prompt_ids(request.messages), *request.assistant_prefix_ids]
             body.update(self.extra_body)
-            return await self._call("/completions", body,
-                                    parse=lambda data: self._parse(data, time.perf_counter() - start, completions=True))
-        path, body = self._body(request)
-        parse = lambda data: self._parse(data, time.perf_counter() - start)  # noqa: E731
-        if not body.get("continue_final_message"):
-            return await self._call(path, body, parse=parse)
+            path, completions = "/completions", True
+        else:
+            path, body = self._body(request)
         try:
-            return await self._call(path, body, parse=parse)
+            gen = await self._generate(path, body, request, completions, start)
         except BackendRequestError as exc:
-            if exc.status_code != 400:
+            if not body.get("continue_final_message") or exc.status_code != 400:
                 raise
             raise BackendRequestError(
                 "chunked rollouts: the server could not continue the assistant message (its chat template may "
                 "not support continue_final_message); pass --tokenizer NAME (a Hugging Face tokenizer) so that "
                 f"chunks continue from exact token ids over /v1/completions. Server said: {exc}", 400) from None
+        return self._with_reasoning_count(gen)
+
+    async def _generate(self, path: str, body: dict[str, Any], request: GenerationRequest, completions: bool,
+                        start: float) -> Generation:
+        spent = 0
+        tries = 0
+
+        async def attempt(replica: Replica) -> Generation:
+            nonlocal spent, tries
+            tries += 1
+            try:
+                if body.get("stream"):
+                    gen = await self._stream_once(replica, path, body, request, completions, start)
+                else:
+                    gen = self._parse(await self._post_once(replica, path, body, root=False),
+                                      time.perf_counter() - start, completions=completions)
+            except _Transient as exc:
+                spent += exc.spent
+                raise
+            return gen
+
+        for _ in range(len(OPTIONAL_FIELDS) + 1):
+            try:
+                gen = await self._retrying(attempt, key=request.affinity, what=f"{path} {_tags(request)}")
+            except BackendRequestError as exc:
+                dropped = self._drop_refused_field(body, exc)
+                if dropped is None:
+                    raise
+                continue
+            return Generation(**{**gen.__dict__, "discarded_tokens": spent, "requests": tries})
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _drop_refused_field(self, body: dict[str, Any], exc: BackendRequestError) -> str | None:
+        """A 400 that names a field only some servers take: send without it from now on."""
+        if exc.status_code != 400:
+            return None
+        message = str(exc).lower()
+        for name in OPTIONAL_FIELDS:
+            if name in body and name.lower() in message:
+                body.pop(name)
+                if name == "stream_options":
+                    body.pop("stream", None)
+                self._refused.add(name)
+                logger.info("the server refused %r; sending requests without it", name)
+                return name
+        return None
+
+    async def _stream_once(self, replica: Replica, path: str, body: dict[str, Any], request: GenerationRequest,
+                           completions: bool, start: float) -> Generation:
+        url = replica.url + path
+        shard = self._client()
+        shard.in_flight += 1
+        reader = StreamReader(completions=completions)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                response = await stack.enter_async_context(shard.client.stream("POST", url, json=body))
+                if response.status_code != 200:
+                    await response.aread()
+                    self._raise_for_status(replica, path, response)
+                last = time.monotonic()
+                async for line in self._lines(response):
+                    now = time.monotonic()
+                    if now - last > max(30.0, self.timeout / 4):
+                        logger.info("stream from %s resumed after %.0fs of silence", replica.url, now - last)
+                    last = now
+                    if reader.feed_line(line) and request.on_progress is not None:
+                        request.on_progress(reader.tokens_so_far)
+                    if reader.done:
+                        break
+        except httpx.TimeoutException:
+            logger.warning("stream from %s was silent for %.0fs (--timeout); retrying", replica.url, self.timeout)
+            raise _Transient(f"no data for {self.timeout:.0f}s", spent=reader.tokens_so_far) from None
+        except httpx.TransportError as exc:
+            raise _Transient(f"connection failed ({type(exc).__name__})", spent=reader.tokens_so_far) from None
+        except MalformedReply as exc:
+            raise _Transient(str(exc), spent=reader.tokens_so_far) from None
+        finally:
+            shard.in_flight -= 1
+        try:
+            return reader.result(time.perf_counter() - start)
+        except MalformedReply as exc:
+            raise _Transient(str(exc), spent=reader.tokens_so_far) from None
+
+    async def _lines(self, response: httpx.Response) -> Any:
+        deadline = self.deadline
+        if deadline is None:
+            async for line in response.aiter_lines():
+                yield line
+            return
+        ends = time.monotonic() + deadline
+        lines = response.aiter_lines()
+        while True:
+            try:
+                line = await asyncio.wait_for(lines.__anext__(), max(0.0, ends - time.monotonic()))
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise _Transient(f"the request ran past its {deadline:.0f}s deadline") from None
+            yield line
 
     def _parse(self, data: Any, latency: float, *, completions: bool = False) -> Generation:
+        """A non-streamed completion (for servers that cannot stream)."""
         choices = data.get("choices") if isinstance(data, dict) else None
         if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
             raise _Transient("the server returned no choices")
-        choice = choices[0]
-        if completions or self.endpoint == "completions":
-            text, reasoning = choice.get("text") or "", None
-        else:
-            message = choice.get("message") or {}
-            text = message.get("content") or ""
-            reasoning = message.get("reasoning_content") or message.get("reasoning")
-        raw_finish = choice.get("finish_reason")
-        finish: FinishReason = "tool_calls" if raw_finish == "function_call" else str(raw_finish or "stop")
-        usage = data.get("usage") or {}
-        details = usage.get("completion_tokens_details") or {}
-        completion = usage.get("completion_tokens")
-        if completion is None:
-            completion = -(-len(text + (reasoning or "")) // APPROX_CHARS_PER_TOKEN)
-        return Generation(
-            text=text,
-            finish_reason=finish,
-            completion_tokens=int(completion),
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            reasoning=reasoning,
-            reasoning_tokens=details.get("reasoning_tokens"),
-            latency=latency,
-        )
+        choice = dict(choices[0])
+        reader = StreamReader(completions=completions)
+        if not completions:
+            message = choice.pop("message", None) or {}
+            if not isinstance(message, dict):
+                raise _Transient("the server returned a message that is not an object")
+            choice["delta"] = message
+        reader.feed_line("data: " + json.dumps({"choices": [choice], "usage": data.get("usage")}))
+        if reader.finish_reason is None:
+            reader.finish_reason = "stop"
+        try:
+            return reader.result(latency)
+        except MalformedReply as exc:
+            raise _Transient(str(exc)) from None
+
+    def _with_reasoning_count(self, gen: Generation) -> Generation:
+        """With token ids and a split-out reasoning, count the reasoning's ids (up to the think-close
+        token), so its tail can be cut from the ids without a tokenize call."""
+        if gen.token_ids is None or gen.reasoning is None or gen.reasoning_tokens is not None:
+            return gen
+        if self._think_close is None or self._think_close not in gen.token_ids:
+            return gen if gen.text else Generation(**{**gen.__dict__, "reasoning_tokens": len(gen.token_ids)})
+        count = len(gen.token_ids) - 1 - gen.token_ids[::-1].index(self._think_close)
+        return Generation(**{**gen.__dict__, "reasoning_tokens": count})
 
     def _renders_chat_ids(self) -> bool:
         """Whether chat prompts can be rendered to exact token ids: a Hugging Face tokenizer, a server
@@ -362,83 +433,88 @@ class OpenAIBackend:
         self._template_cache[key] = ids
         return ids
 
-    async def _call(
-        self,
-        path: str,
-        body: dict[str, Any],
-        *,
-        root: bool = False,
-        parse: Callable[[Any], Any] = lambda data: data,
-        attempts: int | None = None,
-    ) -> Any:
-        """POST with retries; ``parse`` turns the JSON body into the result and may reject it as
-        transient (a body without choices is retried like a 503)."""
+    # -- one request, retried -----------------------------------------------------------------
+    async def _call(self, path: str, body: dict[str, Any], *, root: bool = False, attempts: int | None = None) -> Any:
+        """POST a small JSON request (tokenize, detokenize, templates) with retries."""
+
+        async def attempt(replica: Replica) -> Any:
+            return await self._post_once(replica, path, body, root=root)
+
+        return await self._retrying(attempt, attempts=attempts, what=path)
+
+    async def _retrying(self, attempt: Callable[[Replica], Awaitable[Any]], *, key: str | None = None,
+                        attempts: int | None = None, what: str = "") -> Any:
+        """Run ``attempt`` on a replica, retrying transient failures elsewhere with backoff."""
         policy = self.retry
         max_attempts = attempts or policy.max_attempts
-        started = time.monotonic()
+        waited = 0.0
         last = "no attempt was made"
-        attempt = 0
-        failed: _Endpoint | None = None
-        for attempt in range(max_attempts):
-            endpoint = self._pick(avoid=failed)
+        number = 0
+        failed: Replica | None = None
+        for number in range(max_attempts):
+            replica = self._pool.pick(key, avoid=failed)
             wait: float | None = None
             async with self._semaphore():
-                endpoint.in_flight += 1
+                replica.in_flight += 1
                 try:
-                    data = parse(await self._post_once(endpoint, path, body, root=root))
+                    result = await attempt(replica)
                 except _Transient as exc:
-                    last = f"{endpoint.url}: {exc}"
-                    failed = endpoint
-                    wait = exc.retry_after
-                    endpoint.consecutive_failures += 1
-                    if endpoint.consecutive_failures >= policy.eject_after and len(self._endpoints) > 1:
-                        endpoint.down_until = time.monotonic() + policy.cooldown
+                    last = f"{replica.url}: {exc}"
+                    failed, wait = replica, exc.retry_after
+                    self._pool.failed(replica)
                 else:
-                    endpoint.consecutive_failures = 0
-                    endpoint.down_until = 0.0
-                    endpoint.served += 1
-                    return data
+                    self._pool.succeeded(replica)
+                    return result
                 finally:
-                    endpoint.in_flight -= 1
-            delay = wait if wait is not None else policy.backoff(attempt, self._rng)
-            healthy_elsewhere = any(e is not endpoint and e.down_until <= time.monotonic() for e in self._endpoints)
-            if healthy_elsewhere and wait is None:
+                    replica.in_flight -= 1
+            delay = wait if wait is not None else policy.backoff(number, self._rng)
+            if self._pool.healthy_besides(replica) and wait is None:
                 delay = 0.0  # another replica can take it right away
-            if attempt + 1 >= max_attempts:
+            if number + 1 >= max_attempts:
+                logger.debug("%s: giving up after %d attempt(s): %s", what, number + 1, last)
                 break
-            if time.monotonic() - started + delay > policy.max_elapsed:
+            if waited + delay > policy.max_elapsed:
                 last += f" (gave up: retrying would exceed {policy.max_elapsed:.0f}s)"
+                logger.debug("%s: giving up: %s", what, last)
                 break
+            logger.debug("%s: attempt %d failed (%s); retrying in %.2fs%s", what, number + 1, last, delay,
+                         " (Retry-After)" if wait is not None else "")
+            waited += delay
             await asyncio.sleep(delay)
-        raise BackendUnavailableError(f"request failed after {attempt + 1} attempt(s): {last}")
+        raise BackendUnavailableError(f"request failed after {number + 1} attempt(s): {last}")
 
-    async def _post_once(self, endpoint: _Endpoint, path: str, body: dict[str, Any], *, root: bool) -> Any:
-        url = (endpoint.root if root else endpoint.url) + path
-        shard = self._client()
-        shard.in_flight += 1
-        try:
-            response = await shard.client.post(url, json=body)
-        except httpx.TimeoutException:
-            raise _Transient(f"timed out after {self.timeout:.0f}s") from None
-        except httpx.TransportError as exc:
-            raise _Transient(f"connection failed ({type(exc).__name__})") from None
-        finally:
-            shard.in_flight -= 1
+    def _raise_for_status(self, replica: Replica, path: str, response: httpx.Response) -> None:
         status = response.status_code
         if status in RETRY_STATUSES or status >= 500:
-            raise _Transient(f"HTTP {status}: {_server_message(response)}", _retry_after(response))
+            raise _Transient(f"HTTP {status}: {_server_message(response)}",
+                             parse_retry_after(response.headers.get("retry-after")))
         if status in (401, 403):
             raise AuthenticationError(
-                f"{endpoint.url} rejected the API key (HTTP {status}); check the key (--api-key-env)", status
+                f"{replica.url} rejected the API key (HTTP {status}); check the key (--api-key-env)", status
             )
         if status == 404:
             detail = _server_message(response)
             hint = (f"the server does not serve model {self.model!r}" if "model" in detail.lower()
                     else f"no such path {path} (base URLs usually end in /v1)")
-            raise ModelNotFoundError(f"{endpoint.url}: HTTP 404, {hint}: {detail}", status)
+            raise ModelNotFoundError(f"{replica.url}: HTTP 404, {hint}: {detail}", status)
         if status >= 400:
             detail = _server_message(response)
-            raise BackendRequestError(f"{endpoint.url} refused the request (HTTP {status}): {detail}", status)
+            raise BackendRequestError(f"{replica.url} refused the request (HTTP {status}): {detail}", status)
+
+    async def _post_once(self, replica: Replica, path: str, body: dict[str, Any], *, root: bool) -> Any:
+        url = (replica.root if root else replica.url) + path
+        shard = self._client()
+        shard.in_flight += 1
+        try:
+            coro = shard.client.post(url, json=body)
+            response = await (asyncio.wait_for(coro, self.deadline) if self.deadline else coro)
+        except (httpx.TimeoutException, asyncio.TimeoutError):
+            raise _Transient(f"timed out after {self.timeout:.0f}s") from None
+        except httpx.TransportError as exc:
+            raise _Transient(f"connection failed ({type(exc).__name__})") from None
+        finally:
+            shard.in_flight -= 1
+        self._raise_for_status(replica, path, response)
         try:
             return response.json()
         except (ValueError, json.JSONDecodeError):
@@ -457,7 +533,12 @@ class OpenAIBackend:
                     "tokenizer: a Hugging Face tokenizer needs transformers: pip install 'markov-rsa[local]'"
                 ) from None
             self._hf_tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.tokenizer)
-            return "exact"
+            served = "exact"
+        if served == "exact":
+            with contextlib.suppress(BackendUnavailableError, BackendRequestError, KeyError, TypeError, ValueError):
+                close = (list(self._hf_tokenizer.encode("</think>", add_special_tokens=False))
+                         if self._hf_tokenizer is not None else await self._tokenize_remote("</think>"))
+                self._think_close = close[0] if len(close) == 1 else None  # a special token of its own
         return served
 
     async def _probe_routes(self) -> TokenizerKind:
@@ -484,7 +565,7 @@ class OpenAIBackend:
                 answered = True  # the server answered: it just has no such endpoint
         self._route = None
         if unreachable is not None and not answered:
-            urls = ", ".join(e.url for e in self._endpoints)
+            urls = ", ".join(r.url for r in self._pool.replicas)
             raise BackendUnavailableError(f"cannot reach {urls}; is the server running? ({unreachable})")
         return "approximate"
 
@@ -533,3 +614,7 @@ class OpenAIBackend:
                 if skip == 3 or len(ids) <= skip + 1:
                     raise
         raise AssertionError("unreachable")
+
+
+def _tags(request: GenerationRequest) -> str:
+    return " ".join(f"{k}={v}" for k, v in request.tags.items())

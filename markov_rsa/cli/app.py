@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from markov_rsa.cli import options as o
+from markov_rsa.cli.logs import LogFile, LogLevel, setup_logging
 from markov_rsa.errors import ConfigError, MarkovRSAError
 
 app = typer.Typer(
@@ -100,12 +101,15 @@ def solve(
     timeout: o.Timeout = 600.0,
     json_output: Annotated[bool, typer.Option("--json", help="Print the full result as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the answer.")] = False,
+    log_level: LogLevel = "warning",
+    log_file: LogFile = None,
 ) -> None:
     """Solve one problem with Markovian RSA and print the answer (details go to stderr)."""
     fields = o.rsa_fields(locals())
     backend_opts = o.backend_options(locals())
 
     def body() -> None:
+        setup_logging(log_level, log_file)
         text = read_problem(problem)
         config = o.build_config(preset, backend_opts.embedded, **fields)
         backend = o.build_backend(backend_opts, announce=not quiet)
@@ -192,12 +196,15 @@ def eval_command(
     dtype: o.Dtype = "auto",
     max_concurrency: o.MaxConcurrency = 64,
     timeout: o.Timeout = 600.0,
+    log_level: LogLevel = "warning",
+    log_file: LogFile = None,
 ) -> None:
     """Run a benchmark with Markovian RSA; every candidate is logged to OUT as it finishes."""
     fields = {**o.rsa_fields(locals()), "task": "code" if task == "lcb" else "math"}
     backend_opts = o.backend_options(locals())
 
     def body() -> None:
+        setup_logging(log_level, log_file)
         from markov_rsa.cli.evaluate import run_evaluation
         from markov_rsa.evals.datasets import load_task
 
@@ -224,10 +231,13 @@ def eval_command(
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run directories written by rsa eval.")],
     out: Annotated[Path, typer.Option(help="Directory for report.md, report.html and the plots.")] = Path("report"),
+    log_level: LogLevel = "warning",
+    log_file: LogFile = None,
 ) -> None:
     """Render Markdown and HTML reports (tables and plots) from one or more eval runs."""
 
     def body() -> None:
+        setup_logging(log_level, log_file)
         from markov_rsa.evals.report import write_report
 
         md, page = write_report(list(runs), out)
@@ -259,6 +269,8 @@ def serve(
     dtype: o.Dtype = "auto",
     max_concurrency: o.MaxConcurrency = 64,
     timeout: o.Timeout = 600.0,
+    log_level: LogLevel = "warning",
+    log_file: LogFile = None,
 ) -> None:
     """Serve an OpenAI-compatible endpoint; requests with extended_compute or rsa_* fields run Markovian RSA."""
     import os
@@ -266,6 +278,7 @@ def serve(
     backend_opts = o.backend_options(locals(), key_env_param="upstream_api_key_env")
 
     def body() -> None:
+        setup_logging(log_level, log_file)
         import uvicorn
 
         from markov_rsa.cli.serve import ServerSettings, create_app

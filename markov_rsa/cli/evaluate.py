@@ -35,7 +35,8 @@ def run_evaluation(task: str, config: RSAConfig, backend: Backend, problems: lis
 
         def update(p: RunProgress) -> None:
             finished = p.done + p.skipped
-            status = f"{p.correct}/{p.done} correct, {p.candidates} candidates"
+            tokens = p.tokens + sum(p.streaming.values())
+            status = f"{p.correct}/{p.done} correct, {p.candidates} candidates, {tokens:,} tokens"
             if p.skipped:
                 status += f", {p.skipped} resumed"
             if p.failed:

@@ -74,7 +74,9 @@ BackendKind = Annotated[
 Device = Annotated[str, typer.Option(help="Local backend device: auto, cpu, cuda (ROCm GPUs are cuda too).")]
 Dtype = Annotated[str, typer.Option(help="Local backend dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32.")]
 MaxConcurrency = Annotated[int, typer.Option(help="Remote backend: most requests in flight at once.")]
-Timeout = Annotated[float, typer.Option(help="Remote backend: seconds before one request times out.")]
+Timeout = Annotated[float, typer.Option(
+    help="Remote backend: seconds for the connect and the longest silence between streamed chunks (a generation "
+         "may stream far longer).")]
 
 
 @dataclass(frozen=True)

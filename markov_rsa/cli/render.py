@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from markov_rsa.rsa.answers import normalize_answer
-from markov_rsa.rsa.events import CandidateFinished, Event, RoundFinished, RoundStarted, RunFinished
+from markov_rsa.rsa.events import CandidateFinished, Event, RoundFinished, RoundProgress, RoundStarted, RunFinished
 from markov_rsa.rsa.result import RSAResult
 
 
@@ -27,6 +27,8 @@ async def follow(events: AsyncIterator[Event], console: Console, *, quiet: bool 
             elif isinstance(event, CandidateFinished):
                 done += 1
                 status.update(f"{label}: {done}/{total} candidates")
+            elif isinstance(event, RoundProgress):  # streamed counts: a long round visibly moves
+                status.update(f"{label}: {event.finished}/{total} candidates, {event.tokens:,} tokens so far")
             elif isinstance(event, RoundFinished) and not quiet:
                 console.print(
                     f"{label}: majority {event.majority!r} ({event.agreement:.0%} agree), "

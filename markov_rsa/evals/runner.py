@@ -40,7 +40,7 @@ from markov_rsa.evals.log import (
 from markov_rsa.evals.metrics import RoundScore, round_score
 from markov_rsa.rsa.config import RSAConfig
 from markov_rsa.rsa.engine import MarkovianRSA, derive_seed
-from markov_rsa.rsa.events import CandidateFinished, RunFinished
+from markov_rsa.rsa.events import CandidateFinished, RoundProgress, RoundStarted, RunFinished
 from markov_rsa.rsa.prompts import CODE_PROBLEM_VERSION, code_problem_text, prompt_set
 from markov_rsa.rsa.result import Candidate, RSAResult
 from markov_rsa.rsa.tasks import CodeTask, MathTask, Task
@@ -83,6 +83,9 @@ class Progress:
     correct: int = 0
     candidates: int = 0
     failed: list[str] = field(default_factory=list)
+    #: Tokens generated so far, counting the streams still running (a long round visibly moves).
+    tokens: int = 0
+    streaming: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 class PublicTests:
@@ -138,6 +141,7 @@ class Evaluation:
         # Code grading refuses to start without real isolation, before any generation is paid for.
         self.code = code_grader or (CodeGrader(Sandbox(isolation=spec.isolation)) if "code" in kinds else None)
         self.progress = Progress()
+        self._notify: Callable[[Progress], None] | None = None
 
     def _prepare(self) -> set[tuple[str, int]]:
         identity = self.spec.identity(self.backend)
@@ -172,6 +176,7 @@ class Evaluation:
         candidates, problems = JsonlWriter(self.out / CANDIDATES_FILE), JsonlWriter(self.out / PROBLEMS_FILE)
         semaphore = asyncio.Semaphore(self.spec.concurrency)
         notify = on_update or (lambda progress: None)
+        self._notify = notify
 
         async def one(problem: Problem, repeat: int) -> None:
             async with semaphore:
@@ -230,12 +235,21 @@ class Evaluation:
                 "error": candidate.error,
             })
 
+        key = (problem.id, repeat)
         async with contextlib.aclosing(engine.stream(problem_text(problem))) as events:
             async for event in events:
                 if isinstance(event, CandidateFinished):
+                    self.progress.tokens += event.candidate.usage.generated_tokens
                     pending.append(asyncio.create_task(grade_and_log(event.candidate)))
+                elif isinstance(event, RoundProgress):
+                    self.progress.streaming[key] = event.tokens
+                    if self._notify is not None:
+                        self._notify(self.progress)
+                elif isinstance(event, RoundStarted):
+                    self.progress.streaming.pop(key, None)
                 elif isinstance(event, RunFinished):
                     result = event.result
+        self.progress.streaming.pop(key, None)
         await asyncio.gather(*pending)
         assert result is not None
         scores = [await self._round_score(r.index, r.kind, r.candidates, graded, task) for r in result.rounds]

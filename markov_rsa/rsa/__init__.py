@@ -6,6 +6,7 @@ from markov_rsa.rsa.events import (
     CandidateFinished,
     Event,
     RoundFinished,
+    RoundProgress,
     RoundStarted,
     RunFinished,
     RunStarted,
@@ -17,6 +18,6 @@ from markov_rsa.rsa.tasks import CodeTask, GenericTask, MathTask, Task, task_for
 __all__ = [
     "PRESETS", "PROMPTS", "Candidate", "CandidateFinished", "CodeTask", "Event", "GenericTask",
     "MarkovianRSA", "MathTask", "Preset", "PromptSet", "RSAConfig", "RSAResult", "RoundFinished",
-    "RoundRecord", "RoundStarted", "RunFinished", "RunStarted", "Task", "Usage", "derive_seed",
+    "RoundProgress", "RoundRecord", "RoundStarted", "RunFinished", "RunStarted", "Task", "Usage", "derive_seed",
     "sample_subsets", "solve", "task_for",
 ]

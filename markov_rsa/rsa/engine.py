@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 import time
@@ -30,6 +31,7 @@ from markov_rsa.rsa.events import (
     CandidateFinished,
     Event,
     RoundFinished,
+    RoundProgress,
     RoundStarted,
     RunFinished,
     RunStarted,
@@ -83,6 +85,13 @@ class _Run:
     started: float = field(default_factory=time.perf_counter)
     usage: Usage = field(default_factory=Usage)
     rounds: list[RoundRecord] = field(default_factory=list)
+    #: Tokens each unfinished candidate of the current stage has streamed so far.
+    streamed: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def affinity(self) -> str:
+        """Every prompt of the run starts with the problem: one routing key keeps them on one replica."""
+        return hashlib.blake2b(self.problem.encode(), digest_size=8).hexdigest()
 
     def remaining_time(self) -> float | None:
         if self.config.time_limit is None:
@@ -91,16 +100,19 @@ class _Run:
 
     def over_token_budget(self) -> bool:
         budget = self.config.token_budget
-        return budget is not None and self.usage.completion_tokens >= budget
+        return budget is not None and self.usage.generated_tokens >= budget
 
 
 class MarkovianRSA:
     """Runs Markovian RSA over a backend. One instance may serve many concurrent ``solve`` calls."""
 
-    def __init__(self, backend: Backend, config: RSAConfig | None = None, *, task: Task | None = None) -> None:
+    def __init__(self, backend: Backend, config: RSAConfig | None = None, *, task: Task | None = None,
+                 progress_interval: float = 0.5) -> None:
         self.backend = backend
         self.config = config or RSAConfig()
         self.task = task or task_for(self.config.task, self.config.prompt_version)
+        #: Seconds between two RoundProgress events of a stage (they come only when tokens moved).
+        self.progress_interval = progress_interval
 
     async def solve(self, problem: str) -> RSAResult:
         async with contextlib.aclosing(self.stream(problem)) as events:
@@ -165,6 +177,8 @@ class MarkovianRSA:
                 for subset in subsets
             ]
         yield RoundStarted(round=t, round_kind=kind, requests=count)
+        run.streamed = {}
+        reported = 0
         tasks = [
             asyncio.create_task(self._candidate(run, t, i, kind, parents, messages, exact, budget))
             for i, (parents, messages) in enumerate(plans)
@@ -175,19 +189,31 @@ class MarkovianRSA:
                 remaining = run.remaining_time()
                 if remaining is not None and remaining <= 0:
                     raise _LimitReached("time_limit")
-                done, pending = await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                wake = self.progress_interval if remaining is None else min(remaining, self.progress_interval)
+                done, pending = await asyncio.wait(pending, timeout=wake, return_when=asyncio.FIRST_COMPLETED)
                 for finished in sorted(done, key=tasks.index):
                     candidate = finished.result()  # a fatal backend error propagates from here
+                    run.streamed.pop(candidate.index, None)
                     record.candidates.append(candidate)
                     record.usage.add(candidate.usage)
                     run.usage.add(candidate.usage)
                     yield CandidateFinished(candidate)
+                streaming = record.usage.generated_tokens + sum(run.streamed.values())
+                if pending and not done and streaming != reported:
+                    reported = streaming
+                    yield RoundProgress(round=t, round_kind=kind, tokens=streaming,
+                                        finished=len(record.candidates), requests=count)
                 if run.over_token_budget() and pending:
                     raise _LimitReached("token_budget")
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # Tokens that cancelled candidates had streamed were paid for: they count as discarded.
+            cut = Usage(discarded_tokens=sum(run.streamed.values()))
+            record.usage.add(cut)
+            run.usage.add(cut)
+            run.streamed = {}
             record.candidates.sort(key=lambda c: c.index)
             record.seconds = time.perf_counter() - started
         ok = [c for c in record.candidates if c.ok]
@@ -243,6 +269,7 @@ class MarkovianRSA:
                 return self._sampling(run, t, i, kind, attempt, chunk)
 
             try:
+                run.streamed[i] = 0
                 out = await rollout(
                     self.backend,
                     messages,
@@ -251,11 +278,14 @@ class MarkovianRSA:
                     exact_tokens=exact,
                     budget=budget,
                     tags={"round": t, "index": i, "attempt": attempt},
+                    affinity=run.affinity,
+                    on_progress=lambda tokens: run.streamed.__setitem__(i, tokens),
                 )
             except BackendRequestError:
                 raise
             except BackendError as exc:
                 error = exc
+                spent.discarded_tokens += run.streamed.pop(i, 0)  # what its last try streamed was paid for
                 logger.debug("round %d candidate %d attempt %d failed: %s", t, i, attempt, exc)
                 continue
             spent.add(out.usage)
@@ -277,11 +307,18 @@ class MarkovianRSA:
             candidate.chunks = out.chunks
             candidate.seconds = out.seconds
             carried = carried_text(split, cfg.tail_source)
-            whole = carried == out.generation.text and out.generation.reasoning is None
-            known = out.generation.completion_tokens if whole and exact and out.chunks == 1 else None
+            gen = out.generation
+            whole = carried == gen.text and gen.reasoning is None
+            known = gen.completion_tokens if whole and exact and out.chunks == 1 else None
+            ids = None  # the carried text's own ids, where the backend returned them
+            if gen.token_ids is not None and out.chunks == 1:
+                if whole:
+                    ids = gen.token_ids
+                elif gen.reasoning is not None and carried == split.reasoning and gen.reasoning_tokens is not None:
+                    ids = gen.token_ids[: gen.reasoning_tokens]
             try:
                 candidate.tail, candidate.tail_tokens = await last_tokens(
-                    self.backend, carried, cfg.tail, exact=exact, known_tokens=known)
+                    self.backend, carried, cfg.tail, exact=exact, known_tokens=known, ids=ids)
             except BackendError as exc:  # the tokenizer failed: this tail is approximate, the run goes on
                 logger.warning("round %d candidate %d: cutting the tail failed (%s); using an approximate tail",
                                t, i, exc)

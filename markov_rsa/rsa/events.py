@@ -38,6 +38,18 @@ class RoundStarted(Event):
 
 
 @dataclass(frozen=True)
+class RoundProgress(Event):
+    """While a stage runs: tokens generated so far in it (streamed counts), rate-limited."""
+
+    kind: ClassVar[str] = "round_progress"
+    round: int
+    round_kind: RoundKind
+    tokens: int
+    finished: int
+    requests: int
+
+
+@dataclass(frozen=True)
 class CandidateFinished(Event):
     kind: ClassVar[str] = "candidate_finished"
     candidate: Candidate

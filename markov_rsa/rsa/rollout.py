@@ -39,7 +39,8 @@ class RolloutOutput:
 
 
 def _usage(gen: Generation) -> Usage:
-    return Usage(gen.prompt_tokens, gen.completion_tokens, gen.reasoning_tokens or 0, 1)
+    return Usage(gen.prompt_tokens, gen.completion_tokens, gen.reasoning_tokens or 0, 1, gen.discarded_tokens,
+                 gen.cached_prompt_tokens or 0)
 
 
 def _raw_output(gen: Generation) -> str:
@@ -60,12 +61,16 @@ async def rollout(
     exact_tokens: bool,
     budget: int | None = None,
     tags: dict[str, int] | None = None,
+    affinity: str | None = None,
+    on_progress: Callable[[int], None] | None = None,
 ) -> RolloutOutput:
-    """One rollout of at most ``budget`` new tokens (default: the config's β)."""
+    """One rollout of at most ``budget`` new tokens (default: the config's β). ``on_progress`` hears the
+    rollout's tokens so far while its generations stream."""
     start = time.perf_counter()
     budget = config.budget if budget is None else budget
     if not config.chunked:
-        request = GenerationRequest(messages, budget, sampling_for_chunk(0), tags={**(tags or {}), "chunk": 0})
+        request = GenerationRequest(messages, budget, sampling_for_chunk(0), tags={**(tags or {}), "chunk": 0},
+                                    affinity=affinity, on_progress=on_progress)
         gen = await backend.generate(request)
         return RolloutOutput(gen, _usage(gen), 1, time.perf_counter() - start)
 
@@ -87,6 +92,8 @@ async def rollout(
             assistant_prefix=prefix,
             assistant_prefix_ids=prefix_ids if exact_tokens and chunk else None,
             tags={**(tags or {}), "chunk": chunk},
+            affinity=affinity,
+            on_progress=None if on_progress is None else _offset(on_progress, usage.generated_tokens),
         )
         gen = await backend.generate(request)
         outputs.append(gen)
@@ -111,6 +118,10 @@ async def rollout(
             raise BackendUnavailableError(f"cutting chunk {chunk}'s carry-over failed: {exc}") from exc
 
     return RolloutOutput(combine_chunks(outputs), usage, len(outputs), time.perf_counter() - start)
+
+
+def _offset(callback: Callable[[int], None], before: int) -> Callable[[int], None]:
+    return lambda tokens: callback(before + tokens)
 
 
 def combine_chunks(outputs: list[Generation]) -> Generation:

@@ -8,6 +8,7 @@ one trace that is both its reasoning and its answer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from markov_rsa.backends.base import APPROX_CHARS_PER_TOKEN, Backend, Generation
@@ -53,17 +54,23 @@ def carried_text(split: Split, source: str) -> str:
 
 
 async def last_tokens(
-    backend: Backend, text: str, n: int, *, exact: bool, known_tokens: int | None = None
+    backend: Backend, text: str, n: int, *, exact: bool, known_tokens: int | None = None,
+    ids: Sequence[int] | None = None,
 ) -> tuple[str, int]:
     """The last ``n`` model tokens of ``text`` and how many tokens that is.
 
     With an exact tokenizer the cut is on token ids; text that already fits is returned unchanged so
     that no round trip through the tokenizer can alter it. ``known_tokens`` is the exact length of
     ``text`` when the caller has it (a whole completion's count from the server): text known to fit
-    needs no tokenizer call at all.
+    needs no tokenizer call at all. ``ids`` are ``text``'s own token ids when the server returned
+    them: the cut then takes one detokenize call at most, and no tokenize call.
     """
     if n <= 0 or not text:
         return "", 0
+    if ids is not None and exact:
+        if len(ids) <= n:
+            return text, len(ids)
+        return (await backend.detokenize(ids[-n:])).lstrip("\ufffd"), n
     if known_tokens is not None and known_tokens <= n:
         return text, known_tokens
     if not exact:
