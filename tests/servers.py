@@ -123,6 +123,10 @@ def sse_chunks(completion: dict[str, Any], *, piece: int = 8) -> list[dict[str, 
         message = choice["message"]
         chunks.append({**base, "object": "chat.completion.chunk",
                        "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
+        for i, call in enumerate(message.get("tool_calls") or []):
+            chunks.append({**base, "object": "chat.completion.chunk",
+                           "choices": [{"index": 0, "delta": {"tool_calls": [{"index": i, **call}]},
+                                        "finish_reason": None}]})
         for key in ("reasoning_content", "content"):
             text = message.get(key) or ""
             for i in range(0, len(text), piece):
@@ -461,9 +465,11 @@ class VLLMLike:
         return await self._serve(prompt, body, completions=True)
 
 
-async def replica_cache_hits(affinity: bool, problems: list[str]) -> tuple[float, list[Counter[int]]]:
-    """Solve ``problems`` at once over three VLLMLike replicas; returns the servers' prefix-cache hit rate
-    (cached / prompt tokens) and, per problem, how many of its prompts each replica served."""
+async def replica_cache_hits(affinity: bool, problems: list[str], *, concurrent: bool = True
+                             ) -> tuple[float, list[Counter[int]]]:
+    """Solve ``problems`` (at once, or one after another) over three VLLMLike replicas; returns the servers'
+    prefix-cache hit rate (cached / prompt tokens) and, per problem, how many of its prompts each replica
+    served."""
     from markov_rsa import MarkovianRSA, RSAConfig
     from markov_rsa.backends.openai import OpenAIBackend
 
@@ -472,9 +478,59 @@ async def replica_cache_hits(affinity: bool, problems: list[str]) -> tuple[float
         urls = [f"{stack.enter_context(serve_app(s.app()))}/v1" for s in servers]
         backend = OpenAIBackend(urls, model="m", affinity=affinity, max_concurrency=64)
         config = RSAConfig(population=8, k=3, rounds=2, budget=200, tail=40, seed=1)
-        await asyncio.gather(*(MarkovianRSA(backend, config).solve(p) for p in problems))
+        if concurrent:
+            await asyncio.gather(*(MarkovianRSA(backend, config).solve(p) for p in problems))
+        else:
+            for p in problems:
+                await MarkovianRSA(backend, config).solve(p)
         await backend.aclose()
     rate = sum(s.cached_tokens for s in servers) / sum(s.prompt_tokens for s in servers)
     placement = [Counter({i: sum(p in prompt for prompt in s.prompts) for i, s in enumerate(servers)})
                  for p in problems]
     return rate, placement
+
+
+@dataclass
+class AgentUpstream:
+    """A loopback model server that behaves like a tool-calling model: given tools and no tool result yet,
+    it answers with a call to the first tool (arguments spaced differently from request to request, as
+    sampled JSON is); once the conversation holds a tool result, it answers in text. It streams when asked
+    and records every body it got. Stands in for vLLM with a tool parser, in what the tests are about."""
+
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    status: int = 200
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                                 Route("/v1/models", self._models, methods=["GET"])])
+
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": "agent-model", "object": "model"}]})
+
+    async def _chat(self, request: Request) -> Response:
+        body = await request.json()
+        self.bodies.append(body)
+        if self.status != 200:
+            return JSONResponse({"error": {"message": f"upstream at http://10.1.2.3:9000 says {self.status}"}},
+                                status_code=self.status)
+        tools = body.get("tools") or []
+        messages = body.get("messages") or []
+        seed = int(body.get("seed") or 0)
+        message: dict[str, Any]
+        if tools and not any(m.get("role") == "tool" for m in messages):
+            name = tools[0]["function"]["name"]
+            arguments = '{"city": "Paris"}' if seed % 2 else '{ "city":"Paris" }'
+            message = {"role": "assistant", "content": None,
+                       "tool_calls": [{"id": f"call_{seed}", "type": "function",
+                                       "function": {"name": name, "arguments": arguments}}]}
+            finish = "tool_calls"
+        else:
+            result = next((m.get("content") for m in reversed(messages) if m.get("role") == "tool"), None)
+            message = {"role": "assistant", "content": f"It is {result} in Paris." if result else "Hello there."}
+            finish = "stop"
+        completion = {"id": "chatcmpl-up", "object": "chat.completion", "model": body.get("model"),
+                      "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                      "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+        if body.get("stream"):
+            return sse(sse_chunks(completion))
+        return JSONResponse(completion)

@@ -75,7 +75,7 @@ def test_the_engine_and_remote_paths_never_import_torch():
     import sys
 
     code = (
-        "import sys, markov_rsa, markov_rsa.backends.openai, markov_rsa.cli.serve, markov_rsa.evals.runner\n"
+        "import sys, markov_rsa, markov_rsa.backends.openai, markov_rsa.server, markov_rsa.evals.runner\n"
         "from markov_rsa import MarkovianRSA, RSAConfig\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )

@@ -185,7 +185,7 @@ async def test_dead_replica_is_taken_out_and_the_others_carry_on(fault):
 async def test_a_retry_goes_to_another_replica_than_the_one_that_failed(fault):
     broken = FaultServer(faults=lambda body: ["503"] * 100)
     with serve_app(broken.app()) as bad:
-        backend = OpenAIBackend([f"{bad}/v1", fault.url], model="m",
+        backend = OpenAIBackend([f"{bad}/v1", fault.url], model="m", affinity=False,
                                 retry=RetryPolicy(max_attempts=3, initial_backoff=0.01, eject_after=100))
         result = await MarkovianRSA(backend, SMALL).solve("p")
     assert_complete(result, fault)

@@ -14,7 +14,7 @@ import pytest
 
 from markov_rsa import RSAConfig
 from markov_rsa.backends.openai import OpenAIBackend
-from markov_rsa.cli.serve import ServerSettings, create_app
+from markov_rsa.server import ServerSettings, create_app
 from tests.servers import FaultServer, free_port, llama_server, serve_app, wait_until_up
 from tests.test_openai_backend import FAST, gguf_path
 
@@ -145,7 +145,10 @@ def test_streaming_sends_progress_that_stock_clients_skip(client, served):
     ("extra", "param"),
     [({"rsa_k": 0}, "rsa_k"), ({"rsa_n": 2, "rsa_k": 4}, "rsa_k"), ({"tail_window_len": 999}, "tail_window_len"),
      ({"rsa": {"population": "many"}}, "rsa.population"), ({"rsa": {"bogus": 1}}, "rsa.bogus"),
-     ({"frobnicate": True}, "frobnicate"), ({"extended_compute": "yes"}, "extended_compute"), ({"n": 3}, "n")],
+     ({"extended_compute": True, "logprobs": True}, "logprobs"), ({"extended_compute": "yes"}, "extended_compute"),
+     ({"extended_compute": True, "n": 3}, "n"), ({"rsa_n": 100000}, "rsa_n"), ({"rsa": {"rounds": 50}}, "rsa.rounds"),
+     ({"extended_compute": True, "max_tokens": 10**7}, "max_tokens"),
+     ({"rsa": {"candidate_retries": 99}}, "rsa.candidate_retries")],
 )
 def test_bad_fields_get_an_openai_style_400_naming_the_field(client, extra, param):
     with pytest.raises(openai.BadRequestError) as info:

@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-Message = dict[str, str]
+#: A chat message as OpenAI's API has it: role and content (a string, or text parts), and for agent
+#: conversations ``tool_calls`` (assistant) or ``tool_call_id`` (tool).
+Message = dict[str, Any]
 #: ``stop``, ``length`` and ``tool_calls`` end a generation normally; anything else a server reports
 #: (``abort``, ``content_filter``...) is kept as it came, and the engine treats it as a failure.
 FinishReason = str
@@ -56,6 +58,11 @@ class GenerationRequest:
     #: Called with the number of tokens generated so far while a generation streams (from the
     #: backend's own task; it must be cheap and must not raise).
     on_progress: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
+    #: Tools the model may call (OpenAI format) and the caller's ``tool_choice``.
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: Any = None
+    #: Further request fields for the server, passed as they are (``response_format``...).
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,10 @@ import contextlib
 import json
 import logging
 import random
+import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -133,6 +135,8 @@ class OpenAIBackend:
         self._template_cache: dict[str, list[int]] = {}
         self._refused: set[str] = set()
         self._think_close: int | None = None
+        #: Requests sent, retries and requests that failed for good (for /metrics and operators).
+        self.stats: Counter[str] = Counter()
 
     @property
     def timeouts(self) -> Timeouts:
@@ -222,7 +226,11 @@ class OpenAIBackend:
         return body
 
     def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
-        body = self._sampling_fields(request)
+        body = {**request.extra, **self._sampling_fields(request)}
+        if request.tools:
+            body["tools"] = list(request.tools)
+            if request.tool_choice is not None:
+                body["tool_choice"] = request.tool_choice
         if self.endpoint == "completions":
             prompt = "\n\n".join(m["content"] for m in request.messages) + "\n\n" + request.assistant_prefix
             body["prompt"] = prompt
@@ -253,7 +261,7 @@ class OpenAIBackend:
         start = time.perf_counter()
         await self.ready()  # the server's flavour decides how top-k is disabled
         completions = self.endpoint == "completions"
-        if request.assistant_prefix_ids is not None and self._renders_chat_ids():
+        if request.assistant_prefix_ids is not None and self._renders_chat_ids() and not request.tools:
             # Continue a chunk from exact token ids: the chat template's ids, then the carried ids.
             body = self._sampling_fields(request)
             body["prompt"] = [*await self._chat_prompt_ids(request.messages), *request.assistant_prefix_ids]
@@ -433,6 +441,66 @@ class OpenAIBackend:
         self._template_cache[key] = ids
         return ids
 
+    # -- pass-through -------------------------------------------------------------------------
+    async def relay(self, body: dict[str, Any]) -> Relayed:
+        """Send a client's chat request upstream as it came (only ``model`` is set to the served one) and
+        return the reply: its status and JSON body, or for ``stream: true`` its raw SSE bytes. Transient
+        failures before the reply starts are retried; an upstream 4xx comes back with its status and
+        message only (no upstream address, no raw body); an upstream that rejects this server's key is a
+        :class:`AuthenticationError`."""
+        await self.ready()
+        body = {**body, "model": self.model}
+        streamed = bool(body.get("stream"))
+
+        async def attempt(replica: Replica) -> Relayed:
+            shard = self._client()
+            url = replica.url + "/chat/completions"
+            if not streamed:
+                try:
+                    response = await shard.client.post(url, json=body)
+                except httpx.TimeoutException:
+                    raise _Transient(f"timed out after {self.timeout:.0f}s") from None
+                except httpx.TransportError as exc:
+                    raise _Transient(f"connection failed ({type(exc).__name__})") from None
+                return self._relayed(replica, response, None)
+            stack = contextlib.AsyncExitStack()
+            try:
+                response = await stack.enter_async_context(shard.client.stream("POST", url, json=body))
+                if response.status_code != 200:
+                    await response.aread()
+                    await stack.aclose()
+                    return self._relayed(replica, response, None)
+            except httpx.TimeoutException:
+                await stack.aclose()
+                raise _Transient(f"timed out after {self.timeout:.0f}s") from None
+            except httpx.TransportError as exc:
+                await stack.aclose()
+                raise _Transient(f"connection failed ({type(exc).__name__})") from None
+            except BaseException:
+                await stack.aclose()
+                raise
+            return self._relayed(replica, response, stack)
+
+        return await self._retrying(attempt, what="/chat/completions (pass-through)")
+
+    def _relayed(self, replica: Replica, response: httpx.Response, stack: contextlib.AsyncExitStack | None
+                 ) -> Relayed:
+        status = response.status_code
+        if status in RETRY_STATUSES or status >= 500:
+            raise _Transient(f"HTTP {status}: {_server_message(response)}",
+                             parse_retry_after(response.headers.get("retry-after")))
+        if status in (401, 403):
+            raise AuthenticationError(f"{replica.url} rejected this server's API key (HTTP {status})", status)
+        if status != 200:
+            return Relayed(status, {"error": {"message": scrub(_server_message(response)),
+                                              "type": "invalid_request_error", "param": None, "code": None}})
+        if stack is None:
+            try:
+                return Relayed(200, response.json())
+            except (ValueError, json.JSONDecodeError):
+                raise _Transient("the server sent a body that is not JSON") from None
+        return Relayed(200, None, _chunks(response, stack))
+
     # -- one request, retried -----------------------------------------------------------------
     async def _call(self, path: str, body: dict[str, Any], *, root: bool = False, attempts: int | None = None) -> Any:
         """POST a small JSON request (tokenize, detokenize, templates) with retries."""
@@ -456,12 +524,16 @@ class OpenAIBackend:
             wait: float | None = None
             async with self._semaphore():
                 replica.in_flight += 1
+                self.stats["requests"] += 1
                 try:
                     result = await attempt(replica)
                 except _Transient as exc:
                     last = f"{replica.url}: {exc}"
                     failed, wait = replica, exc.retry_after
                     self._pool.failed(replica)
+                except BackendRequestError:
+                    self.stats["errors"] += 1
+                    raise
                 else:
                     self._pool.succeeded(replica)
                     return result
@@ -477,10 +549,12 @@ class OpenAIBackend:
                 last += f" (gave up: retrying would exceed {policy.max_elapsed:.0f}s)"
                 logger.debug("%s: giving up: %s", what, last)
                 break
+            self.stats["retries"] += 1
             logger.debug("%s: attempt %d failed (%s); retrying in %.2fs%s", what, number + 1, last, delay,
                          " (Retry-After)" if wait is not None else "")
             waited += delay
             await asyncio.sleep(delay)
+        self.stats["errors"] += 1
         raise BackendUnavailableError(f"request failed after {number + 1} attempt(s): {last}")
 
     def _raise_for_status(self, replica: Replica, path: str, response: httpx.Response) -> None:
@@ -614,6 +688,29 @@ class OpenAIBackend:
                 if skip == 3 or len(ids) <= skip + 1:
                     raise
         raise AssertionError("unreachable")
+
+
+@dataclass
+class Relayed:
+    """An upstream reply to a passed-through request: a JSON body, or a stream of SSE bytes."""
+
+    status: int
+    body: Any = None
+    chunks: AsyncIterator[bytes] | None = None
+
+
+async def _chunks(response: httpx.Response, stack: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
+    """The raw bytes of a streamed reply; the upstream connection is released however iteration ends."""
+    try:
+        async for chunk in response.aiter_raw():
+            yield chunk
+    finally:
+        await asyncio.shield(stack.aclose())
+
+
+def scrub(message: str) -> str:
+    """An upstream error message without addresses (a client must not learn where the upstream is)."""
+    return re.sub(r"(https?://|\b)\d{1,3}(\.\d{1,3}){3}(:\d+)?\S*|https?://\S+", "[upstream]", message)[:300]
 
 
 def _tags(request: GenerationRequest) -> str:

@@ -47,11 +47,11 @@ class ReplicaPool:
         #: How many more requests in flight than the least busy replica a preferred one may carry.
         self.slack = slack
 
-    def _preferred(self, key: str, candidates: list[Replica]) -> Replica:
+    def _ranked(self, key: str, candidates: list[Replica]) -> list[Replica]:
         def weight(replica: Replica) -> bytes:
             return hashlib.blake2b(f"{key}\x00{replica.url}".encode(), digest_size=8).digest()
 
-        return max(candidates, key=weight)
+        return sorted(candidates, key=weight, reverse=True)
 
     def pick(self, key: str | None = None, avoid: Replica | None = None) -> Replica:
         """The replica for a request; a retry goes elsewhere than ``avoid`` whenever another is live."""
@@ -62,8 +62,12 @@ class ReplicaPool:
         least = min(pool, key=lambda r: (r.in_flight, r.served))
         if key is None or not self.affinity or len(pool) == 1:
             return least
-        preferred = self._preferred(key, pool)
-        return preferred if preferred.in_flight <= least.in_flight + self.slack else least
+        # The key's replicas in rendezvous order: the first one not much busier than the least busy
+        # (so an overflow, too, lands on a stable replica that warms up for this key).
+        for replica in self._ranked(key, pool):
+            if replica.in_flight <= least.in_flight + self.slack:
+                return replica
+        return least
 
     def succeeded(self, replica: Replica) -> None:
         if replica.down_until:

@@ -174,6 +174,9 @@ class TransformersBackend:
         return None
 
     async def generate(self, request: GenerationRequest) -> Generation:
+        if request.tools:
+            raise BackendRequestError("tools: the local backend does not run tool calls; serve through an "
+                                      "OpenAI-compatible backend (--base-url) for agent requests", 400)
         if self._closed:
             raise BackendUnavailableError("the local backend was closed")
         future: concurrent.futures.Future[Generation] = concurrent.futures.Future()

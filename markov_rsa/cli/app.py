@@ -269,6 +269,8 @@ def serve(
     dtype: o.Dtype = "auto",
     max_concurrency: o.MaxConcurrency = 64,
     timeout: o.Timeout = 600.0,
+    max_concurrent_runs: Annotated[int, typer.Option(
+        help="RSA runs at once; more get HTTP 429 with Retry-After.")] = 16,
     log_level: LogLevel = "warning",
     log_file: LogFile = None,
 ) -> None:
@@ -281,17 +283,24 @@ def serve(
         setup_logging(log_level, log_file)
         import uvicorn
 
-        from markov_rsa.cli.serve import ServerSettings, create_app
+        from markov_rsa.server import ServerLimits, ServerSettings, create_app
+        from markov_rsa.server.app import LOOPBACK_HOSTS
 
         key = None
         if api_key_env:
             key = os.environ.get(api_key_env)
             if not key:
                 raise ConfigError("api_key_env", f"environment variable {api_key_env} is not set or empty")
+        if host not in LOOPBACK_HOSTS and not key:
+            raise ConfigError("host", f"serving on {host} (beyond this machine) needs a bearer token: set one "
+                                      "with --api-key-env VAR")
+        if max_concurrent_runs < 1:
+            raise ConfigError("max_concurrent_runs", "must be at least 1")
         config = o.build_config(preset, backend_opts.embedded, task=task)
         backend = o.build_backend(backend_opts)
         settings = ServerSettings(backend=backend, config=config, api_key=key,
-                                  model_name=model_name or backend.info.model)
+                                  model_name=model_name or backend.info.model,
+                                  limits=ServerLimits(max_concurrent_runs=max_concurrent_runs))
         Console(stderr=True).print(
             f"serving {settings.model_name} on http://{host}:{port}/v1 (preset {config.preset}"
             f"{', bearer token required' if key else ''})", highlight=False, soft_wrap=True)

@@ -7,16 +7,14 @@ one vocabulary.
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
 
-from markov_rsa.backends.base import Backend
-from markov_rsa.errors import ConfigError
+from markov_rsa.backends.factory import BackendOptions, build_backend
+
+__all__ = ["BackendOptions", "backend_options", "build_backend", "build_config", "rsa_fields"]
 from markov_rsa.rsa.config import PRESETS, RSAConfig
 
 PRESET_HELP = "Named settings: " + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()) + "."
@@ -77,89 +75,6 @@ MaxConcurrency = Annotated[int, typer.Option(help="Remote backend: most requests
 Timeout = Annotated[float, typer.Option(
     help="Remote backend: seconds for the connect and the longest silence between streamed chunks (a generation "
          "may stream far longer).")]
-
-
-@dataclass(frozen=True)
-class BackendOptions:
-    backend: str = "auto"
-    model: str | None = None
-    base_url: tuple[str, ...] = ()
-    api_key_env: str | None = None
-    tokenizer: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    max_concurrency: int = 64
-    timeout: float = 600.0
-
-    @property
-    def kind(self) -> str:
-        """Which backend the options select; conflicting or missing flags are a ConfigError."""
-        if self.backend not in ("auto", "local", "openai", "demo"):
-            raise ConfigError("backend", f"must be auto, local, openai or demo, got {self.backend!r}")
-        if self.backend == "auto":
-            return "openai" if self.base_url else "local" if self.model else "demo"
-        if self.backend == "openai" and not self.base_url:
-            raise ConfigError("base_url", "--backend openai needs --base-url (and --model)")
-        if self.backend == "local" and not self.model:
-            raise ConfigError("model", "--backend local needs --model (a Hub id, directory or .gguf file)")
-        if self.backend in ("local", "demo") and self.base_url:
-            raise ConfigError("base_url", f"--base-url does not apply to --backend {self.backend}")
-        if self.backend == "demo" and self.model:
-            raise ConfigError("model", "--model does not apply to --backend demo")
-        return self.backend
-
-    @property
-    def embedded(self) -> bool:
-        return self.kind == "demo"
-
-
-def _quiet_transformers() -> None:
-    """Keep the terminal for our own output: no weight-loading bars or info logs from transformers."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-
-
-def build_backend(opts: BackendOptions, *, announce: bool = True) -> Backend:
-    """The backend the options describe; announces the embedded model on stderr."""
-    kind = opts.kind
-    if kind == "openai":
-        from markov_rsa.backends.openai import OpenAIBackend
-
-        if not opts.model:
-            raise ConfigError("model", "name the served model with --model when using --base-url")
-        api_key = None
-        if opts.api_key_env:
-            api_key = os.environ.get(opts.api_key_env)
-            if not api_key:
-                raise ConfigError("api_key_env", f"environment variable {opts.api_key_env} is not set or empty")
-        return OpenAIBackend(
-            list(opts.base_url),
-            model=opts.model,
-            api_key=api_key,
-            tokenizer=opts.tokenizer,
-            max_concurrency=opts.max_concurrency,
-            timeout=opts.timeout,
-        )
-    if kind == "local":
-        from markov_rsa.backends.transformers import TransformersBackend
-
-        _quiet_transformers()
-        return TransformersBackend(opts.model, device=opts.device, dtype=opts.dtype)
-    from markov_rsa.backends.demo import DEMO_MODEL_NAME, cache_root, demo_backend, demo_model_cached
-
-    _quiet_transformers()
-    if announce:
-        print(
-            f"model: {DEMO_MODEL_NAME}. For real results use --model Zyphra/ZAYA1-8B (local GPU) "
-            "or --base-url URL --model NAME (vLLM, SGLang, llama.cpp, Zyphra Cloud).",
-            file=sys.stderr,
-        )
-        if not demo_model_cached():
-            print(f"first run: converting the embedded GGUF once to a cached copy in {cache_root()} "
-                  "(about 20 s)", file=sys.stderr)
-    return demo_backend(device="cpu" if opts.device == "auto" else opts.device)
 
 
 #: Flags that map one to one onto RSAConfig fields.

@@ -129,6 +129,7 @@ def check_resumable(out: Path, previous: dict[str, Any], identity: dict[str, Any
     """Refuse to mix runs: name the first difference and how to go on."""
     if force:
         return
+    identity = json.loads(json.dumps(identity))  # compare as written: tuples are lists on disk
     version = previous.get("format", 1)
     if version > FORMAT_VERSION:
         raise ConfigError("out", f"{out} was written by a newer markov-rsa (format {version}); upgrade to resume it")

@@ -10,9 +10,11 @@ grader) can pass it as ``same`` to merge what the keys leave apart.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 from fractions import Fraction
+from typing import Any
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)```", re.DOTALL)
@@ -70,7 +72,28 @@ def _rational(s: str) -> Fraction | None:
     return None
 
 
+#: Answers that are tool calls start with this; their canonical JSON is compared as it is.
+TOOL_CALLS_PREFIX = "tool_calls:"
+
+
+def tool_calls_key(calls: Sequence[dict[str, Any]]) -> str:
+    """The canonical form of a candidate's tool calls (names, and arguments as sorted compact JSON), so
+    that calls meaning the same thing vote together however their JSON was spaced or ordered."""
+    canonical = []
+    for call in calls:
+        function = call.get("function") or {}
+        arguments = function.get("arguments") or ""
+        try:
+            parsed: Any = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except json.JSONDecodeError:
+            parsed = arguments
+        canonical.append({"name": function.get("name"), "arguments": parsed})
+    return TOOL_CALLS_PREFIX + json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def normalize_answer(answer: str) -> str:
+    if answer.startswith(TOOL_CALLS_PREFIX):
+        return answer
     s = _TEXT.sub(r"\1", answer)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("^{\\circ}", "^\\circ")
     s = _DROP.sub("", s).rstrip(".")

@@ -62,6 +62,8 @@ class RSAConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int | None = None
+    #: Stop sequences of every rollout (a chat request's ``stop``).
+    stop: tuple[str, ...] = ()
     final_temperature: float | None = None
     final_top_p: float | None = None
     final_top_k: int | None = None
@@ -77,6 +79,8 @@ class RSAConfig:
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, (list, str)):  # from JSON, or a single sequence
+            object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         _validate(self)
 
     # -- construction -------------------------------------------------------------------------
@@ -173,6 +177,9 @@ def _validate(cfg: RSAConfig) -> None:
     if cfg.time_limit is not None and (isinstance(cfg.time_limit, bool) or not isinstance(cfg.time_limit, (int, float))
                                        or not math.isfinite(cfg.time_limit) or cfg.time_limit <= 0):
         raise ConfigError("time_limit", f"must be a positive number of seconds, got {cfg.time_limit!r}")
+    if not isinstance(cfg.stop, tuple) or len(cfg.stop) > 8 or not all(
+            isinstance(x, str) and 0 < len(x) <= 200 for x in cfg.stop):
+        raise ConfigError("stop", "must be at most 8 non-empty strings of at most 200 characters")
     if cfg.prompt_version is not None and not isinstance(cfg.prompt_version, str):
         raise ConfigError("prompt_version", f"must be a version string such as '2', got {cfg.prompt_version!r}")
     for name, allowed in (("tail_source", TAIL_SOURCES), ("final", FINAL_MODES), ("task", TASKS),

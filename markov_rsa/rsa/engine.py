@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import secrets
 import time
@@ -25,7 +26,7 @@ import numpy as np
 
 from markov_rsa.backends.base import NORMAL_FINISH, Backend, Message, SamplingParams
 from markov_rsa.errors import BackendError, BackendRequestError, BackendUnavailableError
-from markov_rsa.rsa.answers import majority
+from markov_rsa.rsa.answers import majority, tool_calls_key
 from markov_rsa.rsa.config import RSAConfig
 from markov_rsa.rsa.events import (
     CandidateFinished,
@@ -82,6 +83,12 @@ class _Run:
     problem: str
     config: RSAConfig
     seed: int
+    #: What comes before the problem in every prompt (system messages, a conversation's earlier turns),
+    #: and what follows it (an agent's tool calls and their results).
+    context: tuple[Message, ...] = ()
+    trailing: tuple[Message, ...] = ()
+    #: Per-request options for every generation (tools, tool_choice, pass-through fields).
+    options: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     usage: Usage = field(default_factory=Usage)
     rounds: list[RoundRecord] = field(default_factory=list)
@@ -91,7 +98,8 @@ class _Run:
     @property
     def affinity(self) -> str:
         """Every prompt of the run starts with the problem: one routing key keeps them on one replica."""
-        return hashlib.blake2b(self.problem.encode(), digest_size=8).hexdigest()
+        head = json.dumps(self.context, sort_keys=True, default=str) + self.problem
+        return hashlib.blake2b(head.encode(), digest_size=8).hexdigest()
 
     def remaining_time(self) -> float | None:
         if self.config.time_limit is None:
@@ -114,18 +122,29 @@ class MarkovianRSA:
         #: Seconds between two RoundProgress events of a stage (they come only when tokens moved).
         self.progress_interval = progress_interval
 
-    async def solve(self, problem: str) -> RSAResult:
-        async with contextlib.aclosing(self.stream(problem)) as events:
+    async def solve(self, problem: str, **request: Any) -> RSAResult:
+        """Run to the end; ``request`` takes :meth:`stream`'s keyword arguments."""
+        async with contextlib.aclosing(self.stream(problem, **request)) as events:
             async for event in events:
                 if isinstance(event, RunFinished):
                     return event.result
         raise RuntimeError("run ended without a result")  # pragma: no cover - stream always finishes
 
-    async def stream(self, problem: str) -> AsyncGenerator[Event, None]:
+    async def stream(
+        self, problem: str, *, context: Sequence[Message] = (), trailing: Sequence[Message] = (),
+        tools: Sequence[dict[str, Any]] = (), tool_choice: Any = None, extra: dict[str, Any] | None = None,
+    ) -> AsyncGenerator[Event, None]:
         """Yield the run's events; the last is :class:`RunFinished`. Closing the iterator cancels the
-        run's outstanding requests."""
+        run's outstanding requests.
+
+        ``context`` goes before the problem in every prompt (system messages, earlier turns). With
+        ``tools`` every rollout may call them: a candidate that ends in tool calls is a candidate like
+        any other, and they vote in their canonical form. ``extra`` fields go to every request as they
+        are (``response_format``...)."""
         cfg = self.config
-        run = _Run(problem, cfg, cfg.seed if cfg.seed is not None else secrets.randbelow(2**31))
+        options: dict[str, Any] = {"tools": tuple(tools), "tool_choice": tool_choice, "extra": dict(extra or {})}
+        run = _Run(problem, cfg, cfg.seed if cfg.seed is not None else secrets.randbelow(2**31),
+                   context=tuple(context), trailing=tuple(trailing), options=options)
         yield RunStarted(problem=problem, seed=run.seed, stages=cfg.rounds + 1)
         stop: StopReason = "complete"
         await self.backend.ready()
@@ -162,7 +181,8 @@ class MarkovianRSA:
         started = time.perf_counter()
         plans: list[tuple[tuple[int, ...], tuple[Message, ...]]]
         if kind == "initial":
-            plans = [((), self.task.prompts.initial_messages(run.problem)) for _ in range(count)]
+            plans = [((), self.task.prompts.initial_messages(run.problem, run.context, run.trailing))
+                     for _ in range(count)]
         else:
             if cfg.k == 1:
                 subsets = lineage_parents(previous, count)
@@ -172,7 +192,8 @@ class MarkovianRSA:
             plans = [
                 (
                     tuple(previous[j].index for j in subset),
-                    self.task.prompts.aggregation_messages(run.problem, [previous[j].tail for j in subset]),
+                    self.task.prompts.aggregation_messages(run.problem, [previous[j].tail for j in subset],
+                                                           run.context, run.trailing),
                 )
                 for subset in subsets
             ]
@@ -246,6 +267,7 @@ class MarkovianRSA:
             top_p=cfg.final_top_p if final and cfg.final_top_p is not None else cfg.top_p,
             top_k=cfg.final_top_k if final and cfg.final_top_k is not None else cfg.top_k,
             seed=derive_seed(run.seed, t, i, attempt, chunk),
+            stop=cfg.stop,
         )
 
     async def _candidate(
@@ -280,6 +302,7 @@ class MarkovianRSA:
                     tags={"round": t, "index": i, "attempt": attempt},
                     affinity=run.affinity,
                     on_progress=lambda tokens: run.streamed.__setitem__(i, tokens),
+                    options=run.options,
                 )
             except BackendRequestError:
                 raise
@@ -303,11 +326,16 @@ class MarkovianRSA:
             candidate.finish_reason = finish
             # A rollout cut off inside its reasoning has no answer yet: an intermediate \boxed{} never votes.
             candidate.answer = self.task.extract_answer(split.answer) if split.answer and split.finished else None
+            if out.generation.tool_calls:  # an agent's step: the calls are its answer
+                candidate.tool_calls = [dict(c) for c in out.generation.tool_calls]
+                candidate.answer = tool_calls_key(candidate.tool_calls)
             candidate.usage = spent
             candidate.chunks = out.chunks
             candidate.seconds = out.seconds
             carried = carried_text(split, cfg.tail_source)
             gen = out.generation
+            if candidate.tool_calls:
+                carried = (carried + "\n" + _render_calls(candidate.tool_calls)).strip()
             whole = carried == gen.text and gen.reasoning is None
             known = gen.completion_tokens if whole and exact and out.chunks == 1 else None
             ids = None  # the carried text's own ids, where the backend returned them
@@ -390,6 +418,15 @@ class MarkovianRSA:
     @staticmethod
     def _stated(params: SamplingParams) -> dict[str, Any]:
         return {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
+
+
+def _render_calls(calls: Sequence[dict[str, Any]]) -> str:
+    """Tool calls as the text the next round sees of a candidate that made them."""
+    lines = []
+    for call in calls:
+        function = call.get("function") or {}
+        lines.append(f"[calls tool {function.get('name')} with arguments {function.get('arguments')}]")
+    return "\n".join(lines)
 
 
 def solve(

@@ -41,10 +41,20 @@ class PromptSet:
             parts += ("shuffle",)
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:12]
 
-    def initial_messages(self, problem: str) -> tuple[Message, ...]:
-        return ({"role": "user", "content": self.initial.format(problem=problem)},)
+    def initial_messages(self, problem: str, context: Sequence[Message] = (),
+                         trailing: Sequence[Message] = ()) -> tuple[Message, ...]:
+        """The round-0 prompt. ``context`` (system messages, earlier turns of a conversation) comes first;
+        ``trailing`` (an agent's tool calls and their results after the problem) comes after it."""
+        return (*context, {"role": "user", "content": self.initial.format(problem=problem)}, *trailing)
 
-    def aggregation_messages(self, problem: str, tails: Sequence[str]) -> tuple[Message, ...]:
+    def aggregation_messages(self, problem: str, tails: Sequence[str], context: Sequence[Message] = (),
+                             trailing: Sequence[Message] = ()) -> tuple[Message, ...]:
+        """An aggregation prompt; a conversation's ``context`` and ``trailing`` turns are kept before it."""
+        before: tuple[Message, ...] = (*context, {"role": "user", "content": problem}, *trailing) if trailing \
+            else tuple(context)
+        return (*before, self._aggregation_message(problem, tails))
+
+    def _aggregation_message(self, problem: str, tails: Sequence[str]) -> Message:
         if len(tails) == 1:
             content = self.aggregate_single.format(problem=problem, candidate=tails[0])
         else:
@@ -52,7 +62,7 @@ class PromptSet:
                 self.candidate.format(index=i, candidate=tail) for i, tail in enumerate(tails, 1)
             )
             content = self.aggregate.format(problem=problem, candidates=blocks, count=len(tails))
-        return ({"role": "user", "content": content},)
+        return {"role": "user", "content": content}
 
 
 _MATH_INITIAL = """Solve the following problem. Reason step by step, and put your final answer within \\boxed{{}}.

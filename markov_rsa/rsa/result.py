@@ -75,6 +75,8 @@ class Candidate:
     error: str | None = None
     #: The tokenizer failed for this candidate, so its tail was cut on an approximation.
     tail_approximate: bool = False
+    #: Tool calls the candidate ended with (OpenAI format); its answer is then their canonical form.
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

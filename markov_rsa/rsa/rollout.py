@@ -13,8 +13,9 @@ again, so an answer that a reasoning-parser server split across a chunk boundary
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from markov_rsa.backends.base import (
     APPROX_CHARS_PER_TOKEN,
@@ -63,6 +64,7 @@ async def rollout(
     tags: dict[str, int] | None = None,
     affinity: str | None = None,
     on_progress: Callable[[int], None] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> RolloutOutput:
     """One rollout of at most ``budget`` new tokens (default: the config's β). ``on_progress`` hears the
     rollout's tokens so far while its generations stream."""
@@ -70,7 +72,7 @@ async def rollout(
     budget = config.budget if budget is None else budget
     if not config.chunked:
         request = GenerationRequest(messages, budget, sampling_for_chunk(0), tags={**(tags or {}), "chunk": 0},
-                                    affinity=affinity, on_progress=on_progress)
+                                    affinity=affinity, on_progress=on_progress, **(options or {}))
         gen = await backend.generate(request)
         return RolloutOutput(gen, _usage(gen), 1, time.perf_counter() - start)
 
@@ -94,6 +96,7 @@ async def rollout(
             tags={**(tags or {}), "chunk": chunk},
             affinity=affinity,
             on_progress=None if on_progress is None else _offset(on_progress, usage.generated_tokens),
+            **(options or {}),
         )
         gen = await backend.generate(request)
         outputs.append(gen)

@@ -1,0 +1,347 @@
+"""The OpenAI-compatible app: pass-through chat, Markovian RSA on request, health and metrics.
+
+A request without RSA fields goes upstream as it came and its reply comes back unchanged (status
+codes too), streamed or not; only the upstream's address and internals are kept from the client.
+RSA requests (:mod:`~markov_rsa.server.requests`) run the engine; with ``stream: true`` progress
+arrives as SSE comment lines (``: rsa {...}``), which stock clients skip, then the answer or the
+chosen tool calls as standard chunks.
+
+Safe by default: without a token the server takes only ``application/json`` bodies and requests
+whose ``Host`` is a loopback name (no cross-site posts, no DNS rebinding); bodies, populations,
+rounds, budgets, retries and concurrent runs are capped (:class:`ServerLimits`); a client that
+disconnects cancels its run, and its upstream connections are released. Upstream addresses,
+credentials and raw upstream error bodies never reach a client: an upstream that rejects this
+server's key is a 502 with a generic message, the detail going to the server log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from markov_rsa.backends.base import GenerationRequest, SamplingParams
+from markov_rsa.backends.openai import scrub
+from markov_rsa.errors import (
+    AuthenticationError,
+    BackendRequestError,
+    ConfigError,
+    MarkovRSAError,
+    ModelNotFoundError,
+)
+from markov_rsa.rsa.engine import MarkovianRSA
+from markov_rsa.rsa.events import RunFinished
+from markov_rsa.rsa.result import RSAResult
+from markov_rsa.rsa.tails import split_reasoning
+from markov_rsa.server.metrics import Metrics
+from markov_rsa.server.replies import Reply, message, progress_comment, reply_chunks, reply_from_result, usage_body
+from markov_rsa.server.requests import ParsedRequest, RequestError, parse_request, reject_constant
+from markov_rsa.server.settings import ServerSettings
+
+logger = logging.getLogger("markov_rsa.server")
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+def error_response(message_text: str, status: int, *, param: str | None = None,
+                   kind: str = "invalid_request_error", code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message_text, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def _host_name(header: str) -> str:
+    if header.startswith("["):
+        return header[: header.find("]") + 1]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class _Server:
+    """The app's state: settings, counters and the in-flight run count (one per app)."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+
+    # -- guards ---------------------------------------------------------------------------------
+    def guard(self, request: Request, *, post: bool) -> Response | None:
+        settings = self.settings
+        if not settings.api_key:
+            host = _host_name(request.headers.get("host", ""))
+            if host not in LOOPBACK_HOSTS and host not in settings.allowed_hosts:
+                return error_response("this server answers only requests addressed to a loopback name (set a "
+                                      "token with --api-key-env to serve others)", 403, kind="forbidden")
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if post and kind != "application/json":
+                return error_response("send the body as application/json", 415)
+            return None
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+            return error_response("missing or wrong API key (send Authorization: Bearer KEY)", 401,
+                                  kind="authentication_error", code="invalid_api_key")
+        return None
+
+    async def body(self, request: Request) -> Any:
+        limit = self.settings.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise RequestError(f"the request body is larger than {limit} bytes", status=413)
+        data = bytearray()
+        async for piece in request.stream():
+            data += piece
+            if len(data) > limit:
+                raise RequestError(f"the request body is larger than {limit} bytes", status=413)
+        try:
+            return json.loads(bytes(data), parse_constant=reject_constant)
+        except (ValueError, UnicodeDecodeError):
+            raise RequestError("the request body is not valid JSON") from None
+
+    # -- errors ---------------------------------------------------------------------------------
+    def backend_error(self, exc: MarkovRSAError) -> JSONResponse:
+        """A backend failure as a client may see it: their own mistakes in full, upstream trouble generic."""
+        if isinstance(exc, ConfigError):
+            return error_response(str(exc), 400, param=exc.field)
+        self.metrics.upstream_errors_total += 1
+        if isinstance(exc, AuthenticationError):
+            logger.error("the upstream server rejected this server's credentials: %s", exc)
+            return error_response("the upstream model server refused this server's credentials; the operator "
+                                  "has the details", 502, kind="upstream_error")
+        code = exc.status_code if isinstance(exc, BackendRequestError) else None
+        if code is not None and 400 <= code < 500 and not isinstance(exc, ModelNotFoundError):
+            logger.info("upstream refused a request: %s", exc)  # the client's to fix: its status and message
+            return error_response(scrub(str(exc).split("): ", 1)[-1]), code)
+        logger.warning("upstream failure: %s", exc)
+        return error_response("the upstream model server is unavailable; try again later", 502,
+                              kind="upstream_error")
+
+    # -- pass-through ---------------------------------------------------------------------------
+    async def passthrough(self, parsed: ParsedRequest) -> Response:
+        self.metrics.passthrough_total += 1
+        backend = self.settings.backend
+        relay = getattr(backend, "relay", None)
+        if relay is None:
+            return await self._local_passthrough(parsed)
+        try:
+            relayed = await relay(parsed.body)
+        except MarkovRSAError as exc:
+            return self.backend_error(exc)
+        if relayed.chunks is None:
+            return JSONResponse(relayed.body, status_code=relayed.status)
+        return StreamingResponse(_released(relayed.chunks), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _local_passthrough(self, parsed: ParsedRequest) -> Response:
+        """A backend without an upstream (the local model): one generation from the request's fields."""
+        body = parsed.body
+        try:
+            plain = parse_request({**body, "extended_compute": True}, self.settings)
+            sampling = SamplingParams(temperature=float(body.get("temperature", 1.0)),
+                                      top_p=float(body.get("top_p", 1.0)), top_k=body.get("top_k") or None,
+                                      seed=body.get("seed"), stop=plain.config.stop if plain.config else ())
+            max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or \
+                self.settings.config.last_stage_budget
+            request = GenerationRequest((*plain.context, {"role": "user", "content": plain.problem}, *plain.trailing),
+                                        int(max_tokens), sampling, tools=plain.tools)
+            gen = await self.settings.backend.generate(request)
+        except RequestError as exc:
+            return error_response(str(exc), exc.status, param=exc.param)
+        except MarkovRSAError as exc:
+            return self.backend_error(exc)
+        split = split_reasoning(gen)
+        reasoned = gen.reasoning is not None or "</think>" in gen.text
+        text, reasoning = (split.answer, split.reasoning) if reasoned else (gen.text, None)
+        reply = Reply([{"index": 0, "message": message(text, reasoning), "finish_reason": gen.finish_reason}],
+                      usage_body(gen.prompt_tokens, gen.completion_tokens, gen.reasoning_tokens or 0), {})
+        handler = _Envelope(self.settings.model_name)
+        if parsed.stream:
+            return StreamingResponse(_iterate(reply_chunks(reply, handler.envelope("chat.completion.chunk"),
+                                                           parsed.include_usage)), media_type="text/event-stream")
+        return JSONResponse({**handler.envelope("chat.completion"), "choices": reply.choices, "usage": reply.usage})
+
+    # -- RSA ------------------------------------------------------------------------------------
+    def engine(self, parsed: ParsedRequest) -> MarkovianRSA:
+        assert parsed.config is not None
+        return MarkovianRSA(self.settings.backend, parsed.config)
+
+    def events(self, parsed: ParsedRequest) -> Any:
+        return self.engine(parsed).stream(parsed.problem, context=parsed.context, trailing=parsed.trailing,
+                                          tools=parsed.tools, tool_choice=parsed.tool_choice, extra=parsed.extra)
+
+    def account(self, result: RSAResult) -> None:
+        self.metrics.generations_total += result.usage.requests
+        self.metrics.completion_tokens_total += result.usage.generated_tokens
+        self.metrics.prompt_tokens_total += result.usage.prompt_tokens
+
+    async def rsa(self, request: Request, parsed: ParsedRequest) -> Response:
+        limits = self.settings.limits
+        if self.metrics.runs_in_flight >= limits.max_concurrent_runs:
+            self.metrics.runs_rejected_total += 1
+            return error_response(f"the server is running {limits.max_concurrent_runs} RSA runs; retry shortly", 429,
+                                  kind="rate_limit_error", headers={"Retry-After": str(limits.retry_after)})
+        self.metrics.runs_total += 1
+        envelope = _Envelope(self.settings.model_name)
+        if parsed.stream:
+            return StreamingResponse(self._stream(parsed, envelope), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        self.metrics.runs_in_flight += 1
+        try:
+            result = await _unless_disconnected(request, self._solve(parsed))
+        except MarkovRSAError as exc:
+            return self.backend_error(exc)
+        finally:
+            self.metrics.runs_in_flight -= 1
+        if result is None:
+            self.metrics.client_disconnects_total += 1
+            return Response(status_code=499)
+        reply = reply_from_result(result, parsed.metadata)
+        return JSONResponse({**envelope.envelope("chat.completion"), "choices": reply.choices, "usage": reply.usage,
+                             **reply.extra})
+
+    async def _solve(self, parsed: ParsedRequest) -> RSAResult:
+        async with contextlib.aclosing(self.events(parsed)) as events:
+            async for event in events:
+                if isinstance(event, RunFinished):
+                    self.account(event.result)
+                    return event.result
+        raise RuntimeError("run ended without a result")  # pragma: no cover
+
+    async def _stream(self, parsed: ParsedRequest, envelope: _Envelope) -> AsyncIterator[str]:
+        """Progress comments, then the reply. Runs the engine in a task of its own, so a disconnect (which
+        cancels this generator, possibly again and again) cancels the run exactly once and the run's
+        cleanup (its upstream connections) completes undisturbed."""
+        self.metrics.runs_in_flight += 1
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def produce() -> None:
+            try:
+                async with contextlib.aclosing(self.events(parsed)) as events:
+                    async for event in events:
+                        await queue.put(event)
+            except BaseException as exc:
+                await queue.put(exc)
+                return
+            await queue.put(None)
+
+        task = asyncio.create_task(produce())
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield progress_comment(item)
+                if isinstance(item, RunFinished):
+                    self.account(item.result)
+                    reply = reply_from_result(item.result, parsed.metadata)
+                    for piece in reply_chunks(reply, envelope.envelope("chat.completion.chunk"),
+                                              parsed.include_usage):
+                        yield piece
+            finished = True
+        except MarkovRSAError as exc:
+            yield f"data: {json.dumps(json.loads(bytes(self.backend_error(exc).body)))}\n\n"
+            finished = True
+        finally:
+            self.metrics.runs_in_flight -= 1
+            if not finished:
+                self.metrics.client_disconnects_total += 1
+                task.cancel()
+
+
+class _Envelope:
+    def __init__(self, model: str) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+
+    def envelope(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+
+async def _iterate(pieces: Any) -> AsyncIterator[str]:
+    for piece in pieces:
+        yield piece
+
+
+async def _released(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Relay upstream bytes; however the client leaves, the upstream stream is closed (once, shielded)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await asyncio.shield(aclose())
+
+
+async def _unless_disconnected(request: Request, work: Any) -> Any:
+    """Run ``work``; if the client goes away first, cancel it (once) and return None."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.shield(task)
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def create_app(settings: ServerSettings) -> Starlette:
+    """The ASGI app; serve it with any ASGI server (``rsa serve`` uses uvicorn)."""
+    server = _Server(settings)
+
+    async def models(request: Request) -> Response:
+        if (refused := server.guard(request, post=False)) is not None:
+            return refused
+        return JSONResponse({"object": "list", "data": [
+            {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "markov-rsa"}]})
+
+    async def chat(request: Request) -> Response:
+        if (refused := server.guard(request, post=True)) is not None:
+            return refused
+        try:
+            parsed = parse_request(await server.body(request), settings)
+        except RequestError as exc:
+            return error_response(str(exc), exc.status, param=exc.param, kind=exc.kind)
+        if parsed.config is None:
+            return await server.passthrough(parsed)
+        return await server.rsa(request, parsed)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "runs_in_flight": server.metrics.runs_in_flight})
+
+    async def metrics(request: Request) -> Response:
+        if (refused := server.guard(request, post=False)) is not None:
+            return refused
+        stats = getattr(settings.backend, "stats", None) or {}
+        backend = {name: stats.get(name, 0) for name in ("requests", "retries", "errors")}
+        return PlainTextResponse(server.metrics.render(backend),
+                                 media_type="text/plain; version=0.0.4")
+
+    app = Starlette(routes=[
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ])
+    app.state.server = server
+    return app
