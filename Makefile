@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_PROBLEM ?= What is the sum of the first ten positive odd numbers? Give the final answer in \boxed{}.
 
-.PHONY: demo test lint bench clean sandbox-deps llama-server
+.PHONY: demo test lint bench clean sandbox-deps browser-deps llama-server sample-report
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,13 +27,20 @@ $(VENV)/.installed-dev: $(VENV)/.installed-core
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[local,serve,evals,hub,dev]'
 	touch $@
 
-# The code sandbox isolates programs with bubblewrap; the tests require it (Debian package).
-sandbox-deps:
-	@command -v bwrap >/dev/null 2>&1 || { \
+# Debian packages the tests need, installed once where missing: $(call apt,COMMAND,PACKAGE,WHY).
+apt = command -v $(1) >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get install -y -q bubblewrap >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null; }; \
-	  else echo "install bubblewrap (e.g. sudo apt-get install bubblewrap) for the code sandbox" >&2; exit 1; fi; }
+	    apt-get install -y -q $(2) >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(2) >/dev/null; }; \
+	  else echo "install $(2) (e.g. sudo apt-get install $(2)) $(3)" >&2; exit 1; fi; }
+
+# The code sandbox isolates programs with bubblewrap; the tests require it.
+sandbox-deps:
+	@$(call apt,bwrap,bubblewrap,for the code sandbox)
+
+# The report test reads report.html the way a person does, in headless Chromium.
+browser-deps:
+	@$(call apt,chromium,chromium,for the report test)
 
 # llama.cpp's C++ server for the tests, built once into ~/.cache/markov-rsa-tools (minutes on a new machine).
 LLAMA_SERVER = PIP=$(BIN)/pip bash tools/build-llama-server.sh
@@ -47,11 +54,15 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check markov_rsa tests bench
 	$(BIN)/mypy
 
-test: lint sandbox-deps llama-server $(VENV)/.installed-model
+test: lint sandbox-deps browser-deps llama-server $(VENV)/.installed-model
 	MARKOV_RSA_LLAMA_SERVER="$$($(LLAMA_SERVER))" $(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-dev $(VENV)/.installed-model sandbox-deps
 	$(BIN)/python -m bench.run
+
+# docs/sample-report: what rsa report makes of two runs against a loopback server with scripted answers.
+sample-report: $(VENV)/.installed-dev
+	$(BIN)/python -m bench.sample_report
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -42,18 +42,28 @@ DATASETS = ROOT.parent / "shared" / "datasets"
 
 
 @contextmanager
-def delay_server(default: float, table: dict[int, float] | None = None) -> Iterator[str]:
-    """The loopback server in its own process, so this process's CPU time is the engine's."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump({"default": default, **{str(k): v for k, v in (table or {}).items()}}, handle)
+def server_process(module: str, *args: str) -> Iterator[str]:
+    """A loopback server (``python -m module PORT args``) in its own process, so that this process's CPU
+    time is the client's alone; yields its /v1 URL."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "bench.delay_server", str(port), handle.name], cwd=ROOT)
+    process = subprocess.Popen([sys.executable, "-m", module, str(port), *args], cwd=ROOT)
     try:
         wait_until_up(f"http://127.0.0.1:{port}/v1/models", process=process)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         process.terminate()
         process.wait()
+
+
+@contextmanager
+def delay_server(default: float, table: dict[int, float] | None = None) -> Iterator[str]:
+    """The scripted-delay server (bench.delay_server)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump({"default": default, **{str(k): v for k, v in (table or {}).items()}}, handle)
+    try:
+        with server_process("bench.delay_server", handle.name) as url:
+            yield url
+    finally:
         os.unlink(handle.name)
 
 
@@ -109,19 +119,6 @@ def bench_overhead() -> dict[str, Any]:
 
 
 # -- 6. long streamed rollouts ----------------------------------------------------------------------
-@contextmanager
-def stream_server(rate: float, length: int) -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "bench.stream_server", str(port), str(rate), str(length)],
-                               cwd=ROOT)
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/v1/models", process=process)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
-        process.wait()
-
-
 def bench_streaming() -> dict[str, Any]:
     from collections import Counter
 
@@ -145,7 +142,7 @@ def bench_streaming() -> dict[str, Any]:
 
     # A whole `rsa solve` (process start included) whose generations each stream for several seconds.
     rate, length, rounds = 60.0, 600, 2
-    with stream_server(rate, length) as url:
+    with server_process("bench.stream_server", str(rate), str(length)) as url:
         started = time.perf_counter()
         out = subprocess.run([sys.executable, "-m", "markov_rsa.cli.app", "solve", "Q?", "--base-url", url, "--model",
                               "m", "--population", "16", "--k", "4", "--rounds", str(rounds), "--budget", "2000",

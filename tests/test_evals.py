@@ -22,7 +22,7 @@ from markov_rsa.evals.datasets import MATH_SETS, decode_private_tests, lcb_probl
 from markov_rsa.evals.grading.code import CodeGrader, functional_matches, stdin_matches
 from markov_rsa.evals.grading.math import MathGrader
 from markov_rsa.evals.grading.sandbox import Sandbox, SandboxLimits, bwrap_works
-from markov_rsa.evals.log import read_jsonl
+from markov_rsa.evals.log import ProblemRecord, read_jsonl
 from markov_rsa.evals.metrics import pass_at_k, summarise
 from markov_rsa.evals.runner import EvalSpec, Evaluation
 from markov_rsa.rsa.answers import extract_boxed
@@ -50,7 +50,7 @@ def test_shared_math_sets_load_from_a_data_dir():
 def test_missing_data_gives_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"no aime_2025\.jsonl in"):
         load_task("aime25", tmp_path)
-    with pytest.raises(ConfigError, match="unknown task 'aime99'"):
+    with pytest.raises(ConfigError, match="unknown benchmark 'aime99'"):
         load_task("aime99", tmp_path)
 
 
@@ -215,8 +215,8 @@ def test_summary_reduces_rounds_and_repeats():
         scores = [{"round": i, "kind": "initial" if i == 0 else "aggregate", "n": 4, "correct": c,
                    "majority": c > 2, "completion_tokens": 100, "avg": c / 4, "pass_at_n": float(c > 0)}
                   for i, c in enumerate(rounds)]
-        return {"problem_id": pid, "rounds": scores, "population": scores[-1], "correct": correct,
-                "completion_tokens": 100 * len(rounds), "seconds": 2.0}
+        return ProblemRecord(attempt="a1", problem_id=pid, repeat=0, task="aime25", rounds=scores,
+                             population=scores[-1], correct=correct, completion_tokens=100 * len(rounds), seconds=2.0)
 
     summary = summarise([record("a", [1, 3], True), record("b", [0, 2], False), record("a", [2, 4], True)])
     assert summary.problems == 2 and summary.final == pytest.approx(2 / 3)
@@ -387,7 +387,7 @@ async def test_duplicate_and_torn_records_neither_count_twice_nor_crash(tmp_path
         assert len(read_problems(problems_file)) == 2
         assert len(read_candidates(candidates_file)) == 4
         run = load_run(tmp_path)
-        assert run.summary.problems == 2 and results_table([run])[1][3] == "2"
+        assert run.summary.problems == 2 and results_table([run])[1][4] == "2"
         await Evaluation(spec, backend, load_task("aime25", DATASETS), tmp_path, math_grader=math_grader).run()
     assert len(read_problems(problems_file)) == 2, "resume reads the same file and redoes nothing"
 
@@ -463,7 +463,7 @@ def test_rsa_eval_and_report_end_to_end_on_the_embedded_model(tmp_path, demo_dir
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| aime25 | demo (N2 K2 T1 β16 τ8)" in md and "MathArena" in md
     page = (tmp_path / "rep" / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2
+    assert page.count("data:image/png;base64,") == 3, "two plots and the per-problem heatmap"
     assert (tmp_path / "rep" / "accuracy_per_round.png").stat().st_size > 1000
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,9 +14,16 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+try:  # recent typer vendors click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - typer with click as a dependency
+    from click import exceptions as click_errors  # type: ignore[no-redef]
+
 from markov_rsa.cli import options as o
 from markov_rsa.cli.logs import LogFile, LogLevel, setup_logging
 from markov_rsa.errors import ConfigError, MarkovRSAError
+from markov_rsa.evals.benchmarks import BENCHMARKS, benchmark
+from markov_rsa.rsa.config import TaskName
 
 app = typer.Typer(
     name="rsa",
@@ -64,32 +73,11 @@ def read_problem(problem: str) -> str:
 
 
 @app.command()
+@o.rsa_options
 def solve(
     problem: Annotated[str, typer.Argument(help="The problem to solve; '-' reads it from stdin.")],
-    preset: o.Preset = None,
-    population: o.Population = None,
-    k: o.K = None,
-    rounds: o.Rounds = None,
-    budget: o.Budget = None,
-    final_budget: o.FinalBudget = None,
-    tail: o.Tail = None,
-    chunk_size: o.ChunkSize = None,
-    chunk_mode: o.ChunkMode = None,
-    carryover: o.Carryover = None,
-    max_chunks: o.MaxChunks = None,
-    keep_head: o.KeepHead = None,
-    tail_source: o.TailSource = None,
-    final: o.Final = None,
-    final_n: o.FinalN = None,
-    temperature: o.Temperature = None,
-    top_p: o.TopP = None,
-    top_k: o.TopK = None,
-    final_temperature: o.FinalTemperature = None,
-    seed: o.Seed = None,
-    task: Annotated[str | None, typer.Option(help="Prompt set and answer format: math, code or generic.")] = None,
-    prompt_version: o.PromptVersion = None,
-    token_budget: o.TokenBudget = None,
-    time_limit: o.TimeLimit = None,
+    rsa: dict[str, Any] | None = None,
+    task: Annotated[TaskName | None, typer.Option(help="Prompt set and answer format.")] = None,
     backend: o.BackendKind = "auto",
     model: o.Model = None,
     base_url: o.BaseUrl = None,
@@ -105,7 +93,9 @@ def solve(
     log_file: LogFile = None,
 ) -> None:
     """Solve one problem with Markovian RSA and print the answer (details go to stderr)."""
-    fields = o.rsa_fields(locals())
+    options = dict(rsa or {})
+    preset = options.pop("preset", None)
+    fields = {**options, "task": task}
     backend_opts = o.backend_options(locals())
 
     def body() -> None:
@@ -146,32 +136,14 @@ async def _solve(backend: Any, config: Any, problem: str, quiet: bool) -> Any:
 
 
 @app.command("eval")
+@o.rsa_options
 def eval_command(
-    task: Annotated[str, typer.Argument(help="aime24, aime25, aime26, hmmt24, hmmt25, hmmt26 or lcb.")],
+    task: Annotated[str, typer.Argument(help="The benchmark: " + "; ".join(
+        f"{b.name}: {b.description}" for b in BENCHMARKS.values()) + ".")],
     out: Annotated[Path, typer.Option(help="Run directory; re-running on it resumes where it stopped.")],
-    preset: o.Preset = None,
-    population: o.Population = None,
-    k: o.K = None,
-    rounds: o.Rounds = None,
-    budget: o.Budget = None,
-    final_budget: o.FinalBudget = None,
-    tail: o.Tail = None,
-    chunk_size: o.ChunkSize = None,
-    chunk_mode: o.ChunkMode = None,
-    carryover: o.Carryover = None,
-    max_chunks: o.MaxChunks = None,
-    keep_head: o.KeepHead = None,
-    tail_source: o.TailSource = None,
-    final: o.Final = None,
-    final_n: o.FinalN = None,
-    temperature: o.Temperature = None,
-    top_p: o.TopP = None,
-    top_k: o.TopK = None,
-    final_temperature: o.FinalTemperature = None,
-    seed: o.Seed = None,
-    prompt_version: o.PromptVersion = None,
-    token_budget: o.TokenBudget = None,
-    time_limit: o.TimeLimit = None,
+    rsa: dict[str, Any] | None = None,
+    name: Annotated[str | None, typer.Option(help="The run's name in reports (default: OUT's name).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the run's summary as JSON on stdout.")] = False,
     limit: Annotated[int | None, typer.Option(help="Only the first N problems.")] = None,
     repeats: Annotated[int, typer.Option(help="Independent runs per problem.")] = 1,
     concurrency: Annotated[int, typer.Option(help="Problems solved at once.")] = 4,
@@ -200,7 +172,8 @@ def eval_command(
     log_file: LogFile = None,
 ) -> None:
     """Run a benchmark with Markovian RSA; every candidate is logged to OUT as it finishes."""
-    fields = {**o.rsa_fields(locals()), "task": "code" if task == "lcb" else "math"}
+    options = dict(rsa or {})
+    preset = options.pop("preset", None)
     backend_opts = o.backend_options(locals())
 
     def body() -> None:
@@ -210,8 +183,9 @@ def eval_command(
 
         if repeats < 1 or concurrency < 1 or (limit is not None and limit < 1):
             raise ConfigError("limit", "--limit, --repeats and --concurrency must be at least 1")
-        config = o.build_config(preset, backend_opts.embedded, **fields)
-        if task == "lcb" and not unsafe_no_sandbox:
+        chosen = benchmark(task)
+        config = o.build_config(preset, backend_opts.embedded, **options, task=chosen.kind)
+        if chosen.kind == "code" and not unsafe_no_sandbox:
             from markov_rsa.evals.grading.sandbox import Sandbox
 
             Sandbox()  # refuses at once, before anything is loaded or generated, where isolation cannot work
@@ -221,7 +195,11 @@ def eval_command(
         backend = o.build_backend(backend_opts)
         code = run_evaluation(task, config, backend, problems, out, limit=limit, repeats=repeats,
                               concurrency=concurrency, isolation="rlimits" if unsafe_no_sandbox else "bwrap",
-                              force=force)
+                              force=force, name=name)
+        if json_output:
+            from markov_rsa.evals.report import load_run, run_json
+
+            sys.stdout.write(json.dumps(run_json(load_run(out)), indent=2) + "\n")
         raise typer.Exit(code)
 
     run_cli(body)
@@ -242,6 +220,24 @@ def report(
 
         md, page = write_report(list(runs), out)
         Console(stderr=True).print(f"wrote {md} and {page}", highlight=False)
+
+    run_cli(body)
+
+
+@app.command()
+def show(
+    run: Annotated[Path, typer.Argument(help="A run directory written by rsa eval.")],
+    problem: Annotated[str | None, typer.Argument(help="A problem id: its population round by round.")] = None,
+    log_level: LogLevel = "warning",
+    log_file: LogFile = None,
+) -> None:
+    """Print a run's problems, or one problem's population round by round (answers, parents, tails)."""
+
+    def body() -> None:
+        setup_logging(log_level, log_file)
+        from markov_rsa.cli.show import show_run
+
+        show_run(run, problem, Console(width=max(100, Console().width)))
 
     run_cli(body)
 
@@ -310,7 +306,22 @@ def serve(
 
 
 def main() -> None:
-    app()
+    """The ``rsa`` entry point: a usage error (an unknown flag, a value outside a flag's choices) is one
+    line on stderr and exit code 2, like every other error the user can fix."""
+    try:
+        code = app(standalone_mode=False)  # an Exit inside a command comes back as its code
+    except click_errors.NoArgsIsHelpError as exc:
+        exc.show()
+        raise SystemExit(2) from None
+    except click_errors.UsageError as exc:
+        message = re.sub(r"Invalid value for '([^']+)': (Value error, )?", r"\1: ", exc.format_message())
+        Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+    except (typer.Abort, KeyboardInterrupt):
+        Console(stderr=True).print("interrupted")
+        raise SystemExit(130) from None
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,11 +19,11 @@ from markov_rsa.rsa.config import RSAConfig
 
 def run_evaluation(task: str, config: RSAConfig, backend: Backend, problems: list[Problem], out: Path, *,
                    limit: int | None, repeats: int, concurrency: int, isolation: Isolation = "bwrap",
-                   force: bool = False) -> int:
+                   force: bool = False, name: str | None = None) -> int:
     """Run (or resume) an evaluation; returns the exit code (1 if some problems failed)."""
     console = Console(stderr=True)
     spec = EvalSpec(task=task, config=config, limit=limit, repeats=repeats, concurrency=concurrency,
-                    isolation=isolation, force=force)
+                    isolation=isolation, force=force, name=name)
     if isolation != "bwrap" and any(p.kind == "code" for p in problems):
         console.print("[bold yellow]warning:[/] --unsafe-no-sandbox: untrusted programs run with rlimits only and "
                       "can escape (read files, use the network, leave processes behind)", highlight=False)

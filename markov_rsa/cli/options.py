@@ -7,8 +7,11 @@ one vocabulary.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Annotated, Any
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -16,6 +19,9 @@ from markov_rsa.backends.factory import BackendOptions, build_backend
 
 __all__ = ["BackendOptions", "backend_options", "build_backend", "build_config", "rsa_fields"]
 from markov_rsa.rsa.config import PRESETS, RSAConfig
+from markov_rsa.rsa.config import ChunkMode as ChunkModeName
+from markov_rsa.rsa.config import FinalMode as FinalModeName
+from markov_rsa.rsa.config import TailSource as TailSourceName
 
 PRESET_HELP = "Named settings: " + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()) + "."
 
@@ -27,11 +33,6 @@ Budget = Annotated[int | None, typer.Option(help="β: max new tokens of one roll
 FinalBudget = Annotated[
     int | None, typer.Option(help="Max new tokens of the last stage (round T or the final aggregation); default β.")
 ]
-ChunkMode = Annotated[
-    str | None,
-    typer.Option(help="How C is read: new (each chunk generates C tokens) or context (Delethink: the first chunk "
-                      "generates C, later ones C − m)."),
-]
 PromptVersion = Annotated[
     str | None, typer.Option(help="Prompt-set version: 2 (current: instruction after the candidates, shuffled) or 1.")
 ]
@@ -40,8 +41,6 @@ ChunkSize = Annotated[int | None, typer.Option(help="C: produce each rollout in 
 Carryover = Annotated[int | None, typer.Option(help="m: tokens of the previous chunk carried into the next.")]
 MaxChunks = Annotated[int | None, typer.Option(help="I: most chunks per rollout (default: as many as fit β).")]
 KeepHead = Annotated[int | None, typer.Option(help="First generated tokens kept in every chunk prompt.")]
-TailSource = Annotated[str | None, typer.Option(help="What is carried: reasoning (default), answer or hybrid.")]
-Final = Annotated[str | None, typer.Option(help="Final selection: majority, aggregate or population.")]
 FinalN = Annotated[int | None, typer.Option(help="Final aggregations when --final aggregate.")]
 Temperature = Annotated[float | None, typer.Option(help="Sampling temperature of every rollout.")]
 TopP = Annotated[float | None, typer.Option(help="Nucleus sampling threshold.")]
@@ -65,16 +64,62 @@ Tokenizer = Annotated[
     str | None, typer.Option(help="Hugging Face tokenizer for remote tails when the server has no tokenize endpoint.")
 ]
 BackendKind = Annotated[
-    str,
+    Literal["auto", "local", "openai", "demo"],
     typer.Option(help="auto (from --base-url/--model), local (transformers, needs --model), openai (needs "
                       "--base-url and --model) or demo (the embedded model)."),
 ]
 Device = Annotated[str, typer.Option(help="Local backend device: auto, cpu, cuda (ROCm GPUs are cuda too).")]
-Dtype = Annotated[str, typer.Option(help="Local backend dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32.")]
+Dtype = Annotated[Literal["auto", "bfloat16", "float16", "float32"],
+                  typer.Option(help="Local backend dtype: auto is bf16 on GPU, fp32 on CPU.")]
 MaxConcurrency = Annotated[int, typer.Option(help="Remote backend: most requests in flight at once.")]
 Timeout = Annotated[float, typer.Option(
     help="Remote backend: seconds for the connect and the longest silence between streamed chunks (a generation "
          "may stream far longer).")]
+
+
+ChunkMode = Annotated[ChunkModeName | None, typer.Option(
+    help="How C is read: new (each chunk generates C tokens) or context (Delethink: the first chunk generates C, "
+         "later ones C − m).")]
+TailSource = Annotated[TailSourceName | None, typer.Option(
+    help="What is carried between rounds.")]
+Final = Annotated[FinalModeName | None, typer.Option(help="Final selection.")]
+FinalTopP = Annotated[float | None, typer.Option(help="Nucleus threshold of the final aggregations.")]
+FinalTopK = Annotated[int | None, typer.Option(help="Top-k cut-off of the final aggregations.")]
+CandidateRetries = Annotated[int | None, typer.Option(
+    help="Times a candidate whose requests failed is issued again before it is recorded as failed.")]
+Stop = Annotated[list[str] | None, typer.Option(help="A stop sequence of every rollout (repeat for more).")]
+
+#: Every RSAConfig setting a command can take, defined once: ``solve`` and ``eval`` both get them all
+#: through :func:`rsa_options` (``task`` is a command's own: the benchmark decides it for ``eval``).
+RSA_OPTIONS: dict[str, Any] = {
+    "preset": Preset, "population": Population, "k": K, "rounds": Rounds, "budget": Budget,
+    "final_budget": FinalBudget, "tail": Tail, "chunk_size": ChunkSize, "chunk_mode": ChunkMode,
+    "carryover": Carryover, "max_chunks": MaxChunks, "keep_head": KeepHead, "tail_source": TailSource,
+    "final": Final, "final_n": FinalN, "temperature": Temperature, "top_p": TopP, "top_k": TopK, "stop": Stop,
+    "final_temperature": FinalTemperature, "final_top_p": FinalTopP, "final_top_k": FinalTopK, "seed": Seed,
+    "prompt_version": PromptVersion, "token_budget": TokenBudget, "time_limit": TimeLimit,
+    "candidate_retries": CandidateRetries,
+}
+
+
+def rsa_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command every RSA flag; it receives them as ``rsa``: a dict of the ones that were set."""
+    signature = inspect.signature(command)
+    hints = typing.get_type_hints(command, include_extras=True)  # the command's annotations, evaluated
+    own = [p.replace(annotation=hints.get(p.name, p.annotation), kind=inspect.Parameter.KEYWORD_ONLY)
+           for p in signature.parameters.values() if p.name != "rsa"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+             for name, annotation in RSA_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        rsa = {name: kwargs.pop(name) for name in RSA_OPTIONS if name in kwargs}
+        return command(rsa=rsa, **kwargs)
+
+    parameters = [*own, *added]
+    wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+    return wrapper
 
 
 #: Flags that map one to one onto RSAConfig fields.
@@ -99,4 +144,6 @@ def backend_options(values: Mapping[str, Any], *, key_env_param: str = "api_key_
 
 def build_config(preset: str | None, embedded: bool, **fields: Any) -> RSAConfig:
     name = preset or ("demo" if embedded else "zaya-16k")
+    if fields.get("stop") is not None:
+        fields["stop"] = tuple(fields["stop"]) or None
     return RSAConfig.from_preset(name, **fields)

@@ -199,7 +199,8 @@ def lcb_problem(row: dict[str, Any]) -> Problem:
 
 
 def load_lcb(
-    data_dir: str | Path | None = None, *, release: str = "v6", since: str | None = None, until: str | None = None
+    data_dir: str | Path | None = None, *, release: str = "v6", since: str | None = None, until: str | None = None,
+    **options: Any,
 ) -> list[Problem]:
     root = data_dir_from_env(data_dir)
     if release not in LCB_RELEASES:
@@ -209,7 +210,13 @@ def load_lcb(
             files = [root]
         else:
             folder = root / "livecodebench" if (root / "livecodebench").is_dir() else root
-            files = sorted(folder.glob("*.jsonl"))
+            # A copy in the Hub's layout (test.jsonl, test2.jsonl...) is read by release; other files are
+            # a collection of the user's own, read whole.
+            hub_layout = [folder / name for name in LCB_RELEASES["v6"] if (folder / name).is_file()]
+            if hub_layout:
+                files = [folder / name for name in LCB_RELEASES[release] if (folder / name).is_file()]
+            else:
+                files = sorted(folder.glob("*.jsonl"))
         if not files:
             raise ConfigError("data_dir", f"no LiveCodeBench .jsonl files in {root}")
         rows = [row for path in files for row in _read_jsonl(path)]
@@ -227,8 +234,7 @@ def load_task(
     task: str, data_dir: str | Path | None = None, *, release: str = "v6", since: str | None = None,
     until: str | None = None,
 ) -> list[Problem]:
-    if task in MATH_SETS:
-        return load_math(task, data_dir)
-    if task == "lcb":
-        return load_lcb(data_dir, release=release, since=since, until=until)
-    raise ConfigError("task", f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    """The problems of a registered benchmark (``markov_rsa.evals.benchmarks``)."""
+    from markov_rsa.evals.benchmarks import benchmark
+
+    return benchmark(task).load(data_dir, release=release, since=since, until=until)

@@ -10,11 +10,15 @@ twice (same problem, repeat and attempt) counts once.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
+import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -45,30 +49,132 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 yield record
 
 
-def read_problems(path: Path) -> list[dict[str, Any]]:
+def read_problems(path: Path) -> list[ProblemRecord]:
     """Problem records, each (problem, repeat) once: the first complete record wins."""
     seen: set[tuple[Any, Any]] = set()
     records = []
-    for record in read_jsonl(path):
-        key = (record.get("problem_id"), record.get("repeat"))
+    for data in read_jsonl(path):
+        try:
+            record = ProblemRecord.from_dict(data)
+        except TypeError:  # a record without its required fields
+            continue
+        key = (record.problem_id, record.repeat)
         if key not in seen:
             seen.add(key)
             records.append(record)
     return records
 
 
-def read_candidates(path: Path, attempts: set[str] | None = None) -> list[dict[str, Any]]:
+def read_candidates(path: Path, attempts: set[str] | None = None) -> list[CandidateRecord]:
     """Candidate records, each (attempt, round, index) once; only ``attempts`` when given (the
     attempts that a problem record names: a killed attempt's candidates are left out)."""
     seen: set[tuple[Any, Any, Any]] = set()
     records = []
-    for record in read_jsonl(path):
-        key = (record.get("attempt"), record.get("round"), record.get("index"))
-        if key in seen or (attempts is not None and record.get("attempt") not in attempts):
+    for data in read_jsonl(path):
+        try:
+            record = CandidateRecord.from_dict(data)
+        except TypeError:
+            continue
+        key = (record.attempt, record.round, record.index)
+        if key in seen or (attempts is not None and record.attempt not in attempts):
             continue
         seen.add(key)
         records.append(record)
     return records
+
+
+#: Candidate texts longer than this are stored compressed (zlib, base64) under ``<field>_z``.
+COMPRESS_ABOVE = 2048
+
+
+def _pack(record: dict[str, Any], name: str, text: str) -> None:
+    if len(text) > COMPRESS_ABOVE:
+        record[f"{name}_z"] = base64.b64encode(zlib.compress(text.encode("utf-8"), 6)).decode("ascii")
+    else:
+        record[name] = text
+
+
+def _unpack(data: dict[str, Any], name: str) -> str:
+    packed = data.get(f"{name}_z")
+    if isinstance(packed, str):
+        try:
+            inflater = zlib.decompressobj()
+            raw = inflater.decompress(base64.b64decode(packed), 64 * 2**20)
+            return raw.decode("utf-8", "replace")
+        except (ValueError, zlib.error):
+            return ""
+    value = data.get(name)
+    return value if isinstance(value, str) else ""
+
+
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+@dataclass
+class CandidateRecord:
+    """One graded candidate, appended to ``candidates.jsonl`` as it finishes."""
+
+    attempt: str
+    problem_id: str
+    repeat: int
+    round: int
+    index: int
+    parents: list[int] = field(default_factory=list)
+    answer: str | None = None
+    correct: bool = False
+    finish_reason: str = "stop"
+    tail: str = ""
+    tail_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    #: The candidate's full answer section and reasoning (stored compressed when long).
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        record = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("text", "reasoning")}
+        _pack(record, "text", self.text)
+        _pack(record, "reasoning", self.reasoning)
+        return record
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CandidateRecord:
+        return cls(**{**_known(cls, data), "text": _unpack(data, "text"), "reasoning": _unpack(data, "reasoning")})
+
+
+@dataclass
+class ProblemRecord:
+    """One problem and repeat, written to ``problems.jsonl`` once all of it is graded."""
+
+    attempt: str
+    problem_id: str
+    repeat: int
+    task: str
+    correct: bool
+    #: Per stage: the scores of ``markov_rsa.evals.metrics.RoundScore`` as dicts.
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    #: The last non-final stage's scores (the population).
+    population: dict[str, Any] = field(default_factory=dict)
+    answer: str | None = None
+    gold: str | None = None
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    seconds: float = 0.0
+    seed: int | None = None
+    stop_reason: str = "complete"
+    selection: str = "majority"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProblemRecord:
+        return cls(**_known(cls, data))
 
 
 class JsonlWriter:
@@ -85,8 +191,9 @@ class JsonlWriter:
         if torn:  # a line cut short by a kill: end it so the next record starts clean
             self._handle.write("\n")
 
-    def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    def write(self, record: dict[str, Any] | CandidateRecord | ProblemRecord) -> None:
+        data = record if isinstance(record, dict) else record.to_dict()
+        self._handle.write(json.dumps(data, ensure_ascii=False) + "\n")
         self._handle.flush()
 
     def close(self) -> None:

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from markov_rsa.evals.log import ProblemRecord
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021)."""
@@ -72,15 +74,15 @@ class Summary:
         return asdict(self)
 
 
-def summarise(records: Sequence[Mapping[str, Any]]) -> Summary:
-    """Reduce ``problems.jsonl`` records (one per problem and repeat) to a Summary."""
+def summarise(records: Sequence[ProblemRecord]) -> Summary:
+    """Reduce problem records (one per problem and repeat) to a Summary."""
     if not records:
         return Summary(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, [])
     stages: dict[int, list[Mapping[str, Any]]] = {}
     cumulative: dict[int, list[float]] = {}
     for record in records:
         total = 0
-        for score in record["rounds"]:
+        for score in record.rounds:
             total += score["completion_tokens"]
             stages.setdefault(score["round"], []).append(score)
             cumulative.setdefault(score["round"], []).append(total)
@@ -89,14 +91,34 @@ def summarise(records: Sequence[Mapping[str, Any]]) -> Summary:
          mean(s["pass_at_n"] for s in scores), mean(cumulative[r]))
         for r, scores in sorted(stages.items())
     ]
-    last = [record["population"] for record in records]
+    last = [record.population for record in records]
     return Summary(
-        problems=len({record["problem_id"] for record in records}),
+        problems=len({record.problem_id for record in records}),
         avg_at_n=mean(p["avg"] for p in last),
         majority=mean(float(p["majority"]) for p in last),
         pass_at_n=mean(p["pass_at_n"] for p in last),
-        final=mean(float(record["correct"]) for record in records),
-        tokens_per_problem=mean(record["completion_tokens"] for record in records),
-        seconds_per_problem=mean(record["seconds"] for record in records),
+        final=mean(float(record.correct) for record in records),
+        tokens_per_problem=mean(record.completion_tokens for record in records),
+        seconds_per_problem=mean(record.seconds for record in records),
         rounds=rounds,
     )
+
+
+def per_problem(records: Sequence[ProblemRecord], metric: str) -> dict[str, float]:
+    """One value per problem (repeats averaged): ``avg``, ``majority`` or ``pass_at_n`` of the population,
+    or ``final`` (the returned answer), the unit a problem-level interval resamples."""
+    values: dict[str, list[float]] = {}
+    for record in records:
+        value = float(record.correct) if metric == "final" else float(record.population.get(metric, 0.0))
+        values.setdefault(record.problem_id, []).append(value)
+    return {problem: mean(v) for problem, v in values.items()}
+
+
+def per_problem_round(records: Sequence[ProblemRecord], round_index: int) -> list[float]:
+    """avg@N of one round, one value per problem (repeats averaged)."""
+    values: dict[str, list[float]] = {}
+    for record in records:
+        for score in record.rounds:
+            if score["round"] == round_index:
+                values.setdefault(record.problem_id, []).append(float(score["avg"]))
+    return [mean(v) for v in values.values()]

@@ -1,7 +1,10 @@
-"""Reports from run directories: a Markdown file, a self-contained HTML file and PNG plots.
+"""Reports from run directories: Markdown, a self-contained HTML page, PNG plots and ``report.json``.
 
 Several runs side by side compare methods (e.g. one rollout against Markovian RSA) on the same
-task: one table row and one plot line per run.
+task: one row, one plot line and one per-problem column per run, each under the run's name. Every
+accuracy carries a 95% interval over problems (:mod:`~markov_rsa.evals.intervals`), published
+figures for the same task are shown beside the runs and marked as published, and ``report.json``
+holds every figure of the Markdown for scripts.
 """
 
 from __future__ import annotations
@@ -15,21 +18,31 @@ from pathlib import Path
 from typing import Any
 
 from markov_rsa.errors import ConfigError
-from markov_rsa.evals.log import PROBLEMS_FILE, RUN_FILE, read_problems
-from markov_rsa.evals.metrics import Summary, summarise
+from markov_rsa.evals.intervals import interval
+from markov_rsa.evals.log import PROBLEMS_FILE, RUN_FILE, ProblemRecord, read_meta, read_problems
+from markov_rsa.evals.metrics import Summary, mean, per_problem, per_problem_round, summarise
+from markov_rsa.evals.published import Published, published_for
 
 MATH_CREDIT = ("Math problem sets as published by MathArena (matharena.ai); problem statements belong to MAA (AIME) "
                "and HMMT.")
+#: The accuracies of a run: key in report.json, column header, per-problem metric.
+METRICS = (("avg_at_n", "avg@N", "avg"), ("majority", "maj@N", "majority"), ("pass_at_n", "pass@N", "pass_at_n"),
+           ("final", "final", "final"))
+LEGEND = ("avg@N: mean accuracy of the final population (the ZAYA1 report's headline metric); maj@N: its majority "
+          "vote; pass@N: any candidate correct; final: the answer the run returned. Brackets: 95% interval over "
+          "problems (exact binomial where every problem scores 0 or 1, else a bootstrap over problems).")
 
 
 @dataclass(frozen=True)
 class RunData:
     path: Path
+    name: str
     label: str
     task: str
     config: dict[str, Any]
     backend: dict[str, Any]
     summary: Summary
+    records: list[ProblemRecord]
 
 
 def method_label(config: dict[str, Any]) -> str:
@@ -40,40 +53,95 @@ def method_label(config: dict[str, Any]) -> str:
 
 
 def load_run(path: Path) -> RunData:
-    run_file = path / RUN_FILE
-    if not run_file.is_file():
+    meta = read_meta(path) if path.is_dir() else None
+    if meta is None:
         raise ConfigError("run", f"{path} is not a run directory (no {RUN_FILE}); give the --out of rsa eval")
-    meta = json.loads(run_file.read_text(encoding="utf-8"))
     records = read_problems(path / PROBLEMS_FILE)
     backend = meta.get("backend", {})
     if not isinstance(backend, dict):  # format 2 records kind and model side by side
         backend = {"kind": backend, "model": meta.get("model"), "device": meta.get("device")}
-    return RunData(path, method_label(meta["config"]), meta["task"], meta["config"], backend,
-                   summarise(records))
+    name = str(meta.get("name") or path.resolve().name)
+    return RunData(path, name, method_label(meta["config"]), meta["task"], meta["config"], backend,
+                   summarise(records), records)
+
+
+def accuracy(run: RunData, metric: str) -> dict[str, float]:
+    """A metric's value over problems with its 95% interval."""
+    values = list(per_problem(run.records, metric).values())
+    low, high = interval(values) if values else (0.0, 0.0)
+    return {"value": mean(values), "low": low, "high": high}
+
+
+def run_json(run: RunData) -> dict[str, Any]:
+    """Every figure of one run, as the report shows it."""
+    s = run.summary
+    rounds = []
+    for index, kind, avg, maj, pass_n, tokens in s.rounds:
+        low, high = interval(per_problem_round(run.records, index)) if run.records else (0.0, 0.0)
+        rounds.append({"round": index, "kind": kind, "avg_at_n": avg, "avg_at_n_low": low, "avg_at_n_high": high,
+                       "majority": maj, "pass_at_n": pass_n, "cumulative_tokens": tokens})
+    problems = {pid: {"avg_at_n": v, "final": per_problem(run.records, "final")[pid]}
+                for pid, v in per_problem(run.records, "avg").items()}
+    return {
+        "name": run.name, "path": str(run.path), "task": run.task, "method": run.label,
+        "model": run.backend.get("model"), "problems": s.problems,
+        "metrics": {key: accuracy(run, metric) for key, _, metric in METRICS},
+        "tokens_per_problem": s.tokens_per_problem, "seconds_per_problem": s.seconds_per_problem,
+        "rounds": rounds, "per_problem": problems,
+    }
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def results_table(runs: list[RunData]) -> list[list[str]]:
-    header = ["task", "method", "model", "problems", "avg@N", "maj@N", "pass@N", "final", "tokens/problem",
+def _with_interval(a: dict[str, float]) -> str:
+    return f"{_pct(a['value'])} [{_pct(a['low'])}, {_pct(a['high'])}]"
+
+
+def results_table(runs: list[RunData], published: list[Published] | None = None) -> list[list[str]]:
+    header = ["run", "task", "method", "model", "problems", *(label for _, label, _ in METRICS), "tokens/problem",
               "s/problem"]
     rows = [header]
     for run in runs:
         s = run.summary
-        rows.append([run.task, run.label, str(run.backend.get("model", "")), str(s.problems), _pct(s.avg_at_n),
-                     _pct(s.majority), _pct(s.pass_at_n), _pct(s.final), f"{s.tokens_per_problem:,.0f}",
-                     f"{s.seconds_per_problem:.1f}"])
+        rows.append([run.name, run.task, run.label, str(run.backend.get("model", "")), str(s.problems),
+                     *(_with_interval(accuracy(run, metric)) for _, _, metric in METRICS),
+                     f"{s.tokens_per_problem:,.0f}", f"{s.seconds_per_problem:.1f}"])
+    for p in published or []:
+        rows.append(["published", p.task, p.method, p.model, "", f"{_pct(p.accuracy)} (published)", "", "", "", "",
+                     ""])
+    return rows
+
+
+def published_table(published: list[Published]) -> list[list[str]]:
+    rows = [["task", "model", "method", "accuracy", "source"]]
+    rows += [[p.task, p.model, p.method, _pct(p.accuracy), p.source] for p in published]
     return rows
 
 
 def rounds_table(runs: list[RunData]) -> list[list[str]]:
-    rows = [["task", "method", "round", "avg@N", "maj@N", "pass@N", "cumulative tokens/problem"]]
+    rows = [["run", "task", "round", "avg@N", "maj@N", "pass@N", "cumulative tokens/problem"]]
     for run in runs:
-        for index, kind, avg, maj, pass_n, tokens in run.summary.rounds:
-            name = "final" if kind == "final" else str(index)
-            rows.append([run.task, run.label, name, _pct(avg), _pct(maj), _pct(pass_n), f"{tokens:,.0f}"])
+        for r in run_json(run)["rounds"]:
+            name = "final" if r["kind"] == "final" else str(r["round"])
+            avg = {"value": r["avg_at_n"], "low": r["avg_at_n_low"], "high": r["avg_at_n_high"]}
+            rows.append([run.name, run.task, name, _with_interval(avg), _pct(r["majority"]), _pct(r["pass_at_n"]),
+                         f"{r['cumulative_tokens']:,.0f}"])
+    return rows
+
+
+def problems_table(runs: list[RunData]) -> list[list[str]]:
+    """Problem × run: the final population's fraction correct, and whether the returned answer was (✓/✗)."""
+    columns = [run_json(run)["per_problem"] for run in runs]
+    ids = sorted({pid for column in columns for pid in column})
+    rows = [["problem", *(run.name for run in runs)]]
+    for pid in ids:
+        cells = []
+        for column in columns:
+            cell = column.get(pid)
+            cells.append("–" if cell is None else f"{_pct(cell['avg_at_n'])} {'✓' if cell['final'] >= 0.5 else '✗'}")
+        rows.append([pid, *cells])
     return rows
 
 
@@ -94,49 +162,88 @@ def _plots(runs: list[RunData]) -> dict[str, bytes]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-    figures: dict[str, bytes] = {}
-    for name, x_of, xlabel in (
-        ("accuracy_per_round", lambda r: r[0], "round (0 = independent rollouts)"),
-        ("accuracy_vs_tokens", lambda r: r[5], "generated tokens per problem (cumulative)"),
-    ):
-        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
-        for run in runs:
-            stages = [r for r in run.summary.rounds if r[1] != "final"]
-            ax.plot([x_of(r) for r in stages], [100 * r[2] for r in stages], marker="o",
-                    label=f"{run.task}: {run.label}")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("avg@N accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        if name == "accuracy_per_round":
-            from matplotlib.ticker import MaxNLocator
-
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    def save(fig: Any) -> bytes:
         fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png")
         plt.close(fig)
-        figures[name] = buffer.getvalue()
+        return buffer.getvalue()
+
+    figures: dict[str, bytes] = {}
+    data = [(run, [r for r in run_json(run)["rounds"] if r["kind"] != "final"]) for run in runs]
+    for name, xkey, xlabel in (("accuracy_per_round", "round", "round (0 = independent rollouts)"),
+                               ("accuracy_vs_tokens", "cumulative_tokens",
+                                "generated tokens per problem (cumulative)")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+        for run, stages in data:
+            xs = [r[xkey] for r in stages]
+            ys = [100 * r["avg_at_n"] for r in stages]
+            errors = [[100 * (r["avg_at_n"] - r["avg_at_n_low"]) for r in stages],
+                      [100 * (r["avg_at_n_high"] - r["avg_at_n"]) for r in stages]]
+            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=f"{run.name} ({run.task})")
+            if xkey != "round":
+                for r, x, y in zip(stages, xs, ys, strict=True):
+                    ax.annotate(f"r{r['round']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_ylim(0, 100)
+        ax.yaxis.set_major_formatter(PercentFormatter())
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("avg@N accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        if xkey == "round":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        figures[name] = save(fig)
+
+    table = problems_table(runs)
+    columns = [run_json(run)["per_problem"] for run in runs]
+    ids = [row[0] for row in table[1:]]
+    if ids:
+        matrix = [[100 * column[pid]["avg_at_n"] if pid in column else float("nan") for column in columns]
+                  for pid in ids]
+        fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(runs) + 2.5), max(3.0, 0.22 * len(ids) + 1.2)), dpi=110)
+        image = ax.imshow(matrix, aspect="auto", cmap="RdYlGn", vmin=0, vmax=100)
+        ax.set_xticks(range(len(runs)), [run.name for run in runs], rotation=30, ha="right", fontsize=7)
+        ax.set_yticks(range(len(ids)), ids, fontsize=6)
+        fig.colorbar(image, ax=ax, label="final population correct (%)")
+        figures["per_problem"] = save(fig)
     return figures
 
 
+def report_json(runs: list[RunData], published: list[Published], figures: list[str]) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "runs": [run_json(run) for run in runs],
+        "published": [{"task": p.task, "model": p.model, "method": p.method, "accuracy": p.accuracy,
+                       "source": p.source} for p in published],
+        "figures": [f"{name}.png" for name in figures],
+    }
+
+
 def write_report(run_dirs: list[Path], out: Path) -> tuple[Path, Path]:
-    """Write ``report.md``, ``report.html`` and the plots into ``out``; returns the two report paths."""
+    """Write ``report.md``, ``report.html``, ``report.json`` and the plots into ``out``; returns the two
+    report paths."""
     if not run_dirs:
         raise ConfigError("runs", "give at least one run directory")
     runs = [load_run(Path(p)) for p in run_dirs]
+    published = published_for({run.task for run in runs})
     out.mkdir(parents=True, exist_ok=True)
     plots = _plots(runs)
     for name, png in plots.items():
         (out / f"{name}.png").write_bytes(png)
-    table, per_round = results_table(runs), rounds_table(runs)
-    credit = MATH_CREDIT if any(not r.task.startswith("lcb") for r in runs) else ""
+    (out / "report.json").write_text(json.dumps(report_json(runs, published, list(plots)), indent=2),
+                                     encoding="utf-8")
+    table, per_round, per_problem_rows = results_table(runs, published), rounds_table(runs), problems_table(runs)
+    credit = MATH_CREDIT if any(run.config.get("task") != "code" for run in runs) else ""
+    sections: list[tuple[str, list[list[str]]]] = [("Accuracy by round", per_round),
+                                                   ("Per problem (final population % correct; ✓ returned answer "
+                                                    "correct)", per_problem_rows)]
+    if published:
+        sections.insert(0, ("Published figures", published_table(published)))
     md = "\n\n".join([
-        "# Markovian RSA results",
-        "avg@N: mean accuracy of the final population; maj@N: its majority vote; pass@N: any candidate "
-        "correct; final: the answer the run returned.",
-        _markdown(table), "## Accuracy by round", _markdown(per_round),
+        "# Markovian RSA results", LEGEND, _markdown(table),
+        *(f"## {title}\n\n{_markdown(rows)}" for title, rows in sections),
         *(f"![{name}]({name}.png)" for name in plots), credit,
     ]).strip() + "\n"
     md_path = out / "report.md"
@@ -145,13 +252,16 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[Path, Path]:
         f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}"></figure>'
         for name, png in plots.items()
     )
+    body = "".join(f"<h2>{html.escape(title)}</h2>{_html_table(rows)}" for title, rows in sections)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Markovian RSA results</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse;margin:1em 0}}
-th,td{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}th{{background:#f3f3f3}}
-td:nth-child(-n+3){{text-align:left}}figure{{display:inline-block;margin:.5em}}</style></head><body>
-<h1>Markovian RSA results</h1><p>avg@N: mean accuracy of the final population; maj@N: its majority vote; pass@N: any
-candidate correct; final: the answer the run returned.</p>{_html_table(table)}<h2>Accuracy by round</h2>
-{_html_table(per_round)}{images}<p><small>{html.escape(credit)}</small></p></body></html>"""
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;padding:0 1em}}
+table{{border-collapse:collapse;margin:1em 0;width:100%;table-layout:auto;font-size:.85em}}
+th,td{{border:1px solid #ccc;padding:.25em .5em;text-align:right;overflow-wrap:anywhere}}th{{background:#f3f3f3}}
+td:first-child,th:first-child{{text-align:left}}figure{{display:inline-block;margin:.5em;max-width:100%}}
+img{{max-width:100%;height:auto}}</style></head><body>
+<h1>Markovian RSA results</h1><p>{html.escape(LEGEND)}</p>{_html_table(table)}{body}{images}
+<p><small>{html.escape(credit)}</small></p></body></html>"""
     html_path = out / "report.html"
     html_path.write_text(page, encoding="utf-8")
     return md_path, html_path

@@ -22,6 +22,7 @@ from typing import Any
 from markov_rsa import __version__
 from markov_rsa.backends.base import Backend
 from markov_rsa.errors import BackendRequestError
+from markov_rsa.evals.benchmarks import BENCHMARKS, benchmark
 from markov_rsa.evals.datasets import Problem
 from markov_rsa.evals.grading.code import CodeGrader
 from markov_rsa.evals.grading.math import MathGrader
@@ -31,7 +32,9 @@ from markov_rsa.evals.log import (
     FORMAT_VERSION,
     PROBLEMS_FILE,
     RUN_FILE,
+    CandidateRecord,
     JsonlWriter,
+    ProblemRecord,
     check_resumable,
     locked,
     read_meta,
@@ -59,6 +62,8 @@ class EvalSpec:
     isolation: Isolation = "bwrap"
     #: Resume a directory even if what ran there differs.
     force: bool = False
+    #: The run's name in reports (default: the directory's name).
+    name: str | None = None
 
     def identity(self, backend: Backend) -> dict[str, Any]:
         """What must match for a directory to be resumed: task, method, backend, prompts, version."""
@@ -113,9 +118,12 @@ class PublicTests:
 
 
 def engine_task(problem: Problem, public: PublicTests | None, prompt_version: str | None = None) -> Task:
+    """The engine task for a problem, posed with its benchmark's prompt set."""
+    prompts = prompt_set(benchmark(problem.task).prompts if problem.task in BENCHMARKS else
+                         "code" if problem.kind == "code" else "math", prompt_version)
     if problem.kind == "code":
-        return CodeTask(prompts=prompt_set("code", prompt_version), scorer=public.score if public else None)
-    return MathTask(prompts=prompt_set("aime" if problem.integer_answers else "math", prompt_version))
+        return CodeTask(prompts=prompts, scorer=public.score if public else None)
+    return MathTask(prompts=prompts)
 
 
 def problem_text(problem: Problem) -> str:
@@ -151,13 +159,14 @@ class Evaluation:
         else:
             info = self.backend.info
             (self.out / RUN_FILE).write_text(json.dumps({
-                "format": FORMAT_VERSION, **identity, "device": info.device,
+                "format": FORMAT_VERSION, **identity, "name": self.spec.name or self.out.resolve().name,
+                "device": info.device,
                 "isolation": self.code.sandbox.isolation if self.code else None,
                 # The Hub commit each set was read at (none for local --data-dir copies).
                 "data_revisions": sorted({str(p.meta["revision"]) for p in self.problems if p.meta.get("revision")}),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }, indent=2), encoding="utf-8")
-        return {(r["problem_id"], r["repeat"]) for r in read_problems(self.out / PROBLEMS_FILE)}
+        return {(r.problem_id, r.repeat) for r in read_problems(self.out / PROBLEMS_FILE)}
 
     async def run(self, on_update: Callable[[Progress], None] | None = None) -> Progress:
         """Run (or resume) the evaluation; only one process may write the directory at a time."""
@@ -190,7 +199,7 @@ class Evaluation:
                     return
                 problems.write(record)
                 self.progress.done += 1
-                self.progress.correct += int(record["correct"])
+                self.progress.correct += int(record.correct)
                 notify(self.progress)
 
         try:
@@ -208,10 +217,10 @@ class Evaluation:
     async def _grade(self, candidate: Candidate, problem: Problem, public: PublicTests | None) -> bool:
         if public is not None:
             return await public.grade(candidate.answer)
-        assert self.math is not None and problem.answer is not None
-        return await self.math.grade(candidate.answer, problem.answer, problem.integer_answers)
+        assert self.math is not None
+        return await self.math.grade_problem(candidate.answer, problem)
 
-    async def _solve(self, problem: Problem, repeat: int, log: JsonlWriter) -> dict[str, Any]:
+    async def _solve(self, problem: Problem, repeat: int, log: JsonlWriter) -> ProblemRecord:
         attempt = uuid.uuid4().hex
         config = self.spec.config.replace(seed=self._seed(problem, repeat))
         public = PublicTests(self.code, problem) if problem.kind == "code" and self.code else None
@@ -226,14 +235,15 @@ class Evaluation:
             correct = await self._grade(candidate, problem, public) if candidate.ok else False
             graded[(candidate.round, candidate.index)] = correct
             self.progress.candidates += 1
-            log.write({
-                "attempt": attempt, "problem_id": problem.id, "repeat": repeat, "round": candidate.round,
-                "index": candidate.index, "parents": candidate.parents, "answer": candidate.answer,
-                "correct": correct, "finish_reason": candidate.finish_reason, "tail": candidate.tail,
-                "tail_tokens": candidate.tail_tokens, "completion_tokens": candidate.usage.completion_tokens,
-                "prompt_tokens": candidate.usage.prompt_tokens, "seconds": round(candidate.seconds, 3),
-                "error": candidate.error,
-            })
+            log.write(CandidateRecord(
+                attempt=attempt, problem_id=problem.id, repeat=repeat, round=candidate.round, index=candidate.index,
+                parents=candidate.parents, answer=candidate.answer, correct=correct,
+                finish_reason=candidate.finish_reason, tail=candidate.tail, tail_tokens=candidate.tail_tokens,
+                completion_tokens=candidate.usage.completion_tokens, prompt_tokens=candidate.usage.prompt_tokens,
+                seconds=round(candidate.seconds, 3), error=candidate.error, text=candidate.text,
+                reasoning=candidate.reasoning if candidate.reasoning != candidate.text else "",
+                tool_calls=candidate.tool_calls,
+            ))
 
         key = (problem.id, repeat)
         async with contextlib.aclosing(engine.stream(problem_text(problem))) as events:
@@ -255,13 +265,14 @@ class Evaluation:
         scores = [await self._round_score(r.index, r.kind, r.candidates, graded, task) for r in result.rounds]
         population = next(s for s in reversed(scores) if s.kind != "final")
         chosen = graded.get(result.selected, False) if result.selected else False
-        return {
-            "attempt": attempt, "problem_id": problem.id, "repeat": repeat, "task": problem.task,
-            "answer": result.answer if problem.kind == "math" else None, "gold": problem.answer,
-            "correct": chosen, "rounds": [s.to_dict() for s in scores], "population": population.to_dict(),
-            "completion_tokens": result.usage.completion_tokens, "prompt_tokens": result.usage.prompt_tokens,
-            "seconds": round(time.perf_counter() - started, 3), "seed": result.seed, "stop_reason": result.stop_reason,
-        }
+        return ProblemRecord(
+            attempt=attempt, problem_id=problem.id, repeat=repeat, task=problem.task, correct=chosen,
+            rounds=[s.to_dict() for s in scores], population=population.to_dict(),
+            answer=result.answer if problem.kind == "math" else None, gold=problem.answer,
+            completion_tokens=result.usage.generated_tokens, prompt_tokens=result.usage.prompt_tokens,
+            seconds=round(time.perf_counter() - started, 3), seed=result.seed, stop_reason=result.stop_reason,
+            selection=result.selection,
+        )
 
     @staticmethod
     async def _round_score(index: int, kind: str, cands: list[Candidate], graded: dict[tuple[int, int], bool],

@@ -112,6 +112,13 @@ class CodeGrader:
                 return TestReport(passed, len(tests), why)
         return TestReport(passed, len(tests))
 
+    async def grade_problem(self, answer: str | None, problem: Problem) -> bool:
+        """The :class:`~markov_rsa.evals.benchmarks.Grader` protocol."""
+        return await self.grade(answer, problem)
+
+    def close(self) -> None:
+        """Nothing outlives a test (each runs in a process of its own that is gone when it ends)."""
+
     async def grade(self, program: str | None, problem: Problem) -> bool:
         tests = (*problem.public_tests, *problem.private_tests)
         return (await self.run_tests(program, tests, problem.func_name)).all_passed

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 
 from markov_rsa.errors import MissingDependencyError
+from markov_rsa.evals.datasets import Problem
 
 _INT = re.compile(r"[+-]?\d+")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(,\d{3})+")
@@ -134,6 +135,12 @@ class MathGrader:
         if prediction is None or not prediction.strip():
             return False
         return await asyncio.to_thread(self._grade_blocking, (prediction, gold, integer))
+
+    async def grade_problem(self, answer: str | None, problem: Problem) -> bool:
+        """The :class:`~markov_rsa.evals.benchmarks.Grader` protocol: integer sets grade as integers."""
+        if problem.answer is None:
+            return False
+        return await self.grade(answer, problem.answer, problem.integer_answers)
 
     async def grade_many(self, items: Sequence[tuple[str | None, str, bool]]) -> list[bool]:
         return list(await asyncio.gather(*(self.grade(*item) for item in items)))
