@@ -181,7 +181,7 @@ async def test_final_aggregation_answer_is_chosen_when_it_has_one():
 @pytest.mark.parametrize("generation", [
     Generation("", "length", 50, 10, reasoning="so \\boxed{3} maybe, but wait"),  # server split reasoning out
     Generation("<think>so \\boxed{3} maybe, but wait", "length", 50, 10),  # <think> inline
-    Generation("so \\boxed{3} maybe, but wait", "length", 50, 10),  # the template opened the think block
+    Generation("so \\boxed{3} maybe, but wait", "length", 50, 10, think_opened=True),  # the template opened it
 ])
 async def test_a_rollout_cut_inside_its_reasoning_never_votes(generation):
     def reply(request, _n):
@@ -190,6 +190,21 @@ async def test_a_rollout_cut_inside_its_reasoning_never_votes(generation):
     result = await solve(ScriptedBackend(reply), rounds=0)
     assert [c.answer for c in result.rounds[0].candidates] == [None] * 4 + ["7", "7"]
     assert result.answer == "7"
+
+
+async def test_a_plain_models_reply_cut_at_the_budget_still_votes():
+    """Without a think block there is no reasoning apart from the answer: the reply counts as written."""
+    def reply(request, _n):
+        return Generation("The answer is \\boxed{3}, and more", "length", 50, 10)
+
+    result = await solve(ScriptedBackend(reply), rounds=0, population=2)
+    assert [c.answer for c in result.rounds[0].candidates] == ["3", "3"]
+
+
+async def test_the_local_backend_says_when_its_template_opened_the_think_block(smol):
+    plain = list(await smol.tokenize("Hello"))
+    opened = list(await smol.tokenize("<|im_start|>assistant\n<think>\n"))
+    assert not smol._opens_think(plain) and smol._opens_think(opened)
 
 
 # -- 9. Delethink chunks --------------------------------------------------------------------------

@@ -140,3 +140,19 @@ async def test_delethink_run_over_llama_cpp_uses_token_prompts(llama_url):
     assert all(c.ok and c.usage.completion_tokens <= 60 for r in result.rounds for c in r.candidates)
     assert any(c.chunks >= 2 for r in result.rounds for c in r.candidates)
     assert [c.parents for c in result.rounds[1].candidates] == [[0], [1]]
+
+
+async def test_a_template_that_opens_the_think_block_is_detected_over_the_wire():
+    """No reasoning parser, and the chat template opens <think>: a reply cut before </think> is unfinished
+    reasoning (no vote), one that closes it answers."""
+    server = VLLMLike(thinker, reasoning_parser=False)
+    with serve_app(server.app()) as url:
+        backend = OpenAIBackend(f"{url}/v1", model="vllm-like", retry=FAST)
+        short = await MarkovianRSA(backend, RSAConfig(population=2, k=2, rounds=0, budget=40, tail=10,
+                                                      seed=0)).solve("Q?")
+        full = await MarkovianRSA(backend, RSAConfig(population=2, k=2, rounds=0, budget=400, tail=10,
+                                                     seed=0)).solve("Q?")
+        await backend.aclose()
+    assert [c.answer for c in short.rounds[0].candidates] == [None, None]
+    assert short.rounds[0].candidates[0].reasoning.startswith("s0;s1;")
+    assert [c.answer for c in full.rounds[0].candidates] == ["12", "12"]

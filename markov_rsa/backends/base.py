@@ -86,6 +86,9 @@ class Generation:
     requests: int = 1
     #: Tool calls the model made (OpenAI format: id, type, function name and JSON arguments).
     tool_calls: tuple[dict[str, Any], ...] = ()
+    #: The prompt ended inside a think block the chat template opened: the text starts as reasoning
+    #: although it carries no ``<think>`` of its own (a thinking model's template, not a plain model).
+    think_opened: bool = False
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,7 @@ class OpenAIBackend:
         self._template_cache: dict[str, list[int]] = {}
         self._refused: set[str] = set()
         self._think_close: int | None = None
+        self._think_opened = False
         #: Requests sent, retries and requests that failed for good (for /metrics and operators).
         self.stats: Counter[str] = Counter()
 
@@ -278,6 +279,8 @@ class OpenAIBackend:
                 "chunked rollouts: the server could not continue the assistant message (its chat template may "
                 "not support continue_final_message); pass --tokenizer NAME (a Hugging Face tokenizer) so that "
                 f"chunks continue from exact token ids over /v1/completions. Server said: {exc}", 400) from None
+        if self._think_opened and gen.reasoning is None and not completions:
+            gen = Generation(**{**gen.__dict__, "think_opened": True})
         return self._with_reasoning_count(gen)
 
     async def _generate(self, path: str, body: dict[str, Any], request: GenerationRequest, completions: bool,
@@ -608,12 +611,31 @@ class OpenAIBackend:
                 ) from None
             self._hf_tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.tokenizer)
             served = "exact"
+        with contextlib.suppress(BackendUnavailableError, BackendRequestError, KeyError, TypeError, ValueError):
+            self._think_opened = await self._template_opens_think()
         if served == "exact":
             with contextlib.suppress(BackendUnavailableError, BackendRequestError, KeyError, TypeError, ValueError):
                 close = (list(self._hf_tokenizer.encode("</think>", add_special_tokens=False))
                          if self._hf_tokenizer is not None else await self._tokenize_remote("</think>"))
                 self._think_close = close[0] if len(close) == 1 else None  # a special token of its own
         return served
+
+    async def _template_opens_think(self) -> bool:
+        """Whether the served chat template opens a think block at the assistant's turn (so a reply that
+        never closes it is unfinished reasoning). Read from the rendered template where the server or a
+        Hugging Face tokenizer can render it; otherwise assumed not."""
+        sample = [{"role": "user", "content": "1+1?"}]
+        if self._hf_tokenizer is not None:
+            rendered = str(self._hf_tokenizer.apply_chat_template(sample, add_generation_prompt=True, tokenize=False))
+        elif self._route is not None and self._route.style == "llamacpp":
+            rendered = str((await self._call("/apply-template", {"messages": sample}, root=True, attempts=1))["prompt"])
+        elif self._route is not None and self._route.style == "vllm":
+            data = await self._call(self._route.tokenize, {"model": self.model, "messages": sample,
+                                                           "add_generation_prompt": True}, root=True, attempts=1)
+            rendered = await self._detokenize_remote([int(t) for t in data["tokens"]][-8:])
+        else:
+            return False
+        return rendered.rstrip().endswith("<think>")
 
     async def _probe_routes(self) -> TokenizerKind:
         routes = (

@@ -279,6 +279,12 @@ class TransformersBackend:
                 ids += list(self.tokenizer.encode(request.assistant_prefix, add_special_tokens=False))
         return ids
 
+    def _opens_think(self, prompt: list[int]) -> bool:
+        """Whether the prompt ends inside a think block its chat template opened."""
+        with self._tok_lock:
+            tail = self.tokenizer.decode(prompt[-8:], skip_special_tokens=False)
+        return tail.rstrip().endswith("<think>")
+
     def _run_batch(self, items: list[_Item]) -> list[Generation]:
         torch = self._torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
@@ -330,7 +336,8 @@ class TransformersBackend:
         results = []
         for r, item in enumerate(items):
             generated = out[r, width:].tolist()
-            results.append(state.finish(r, generated, len(prompts[r]), now - item.enqueued))
+            results.append(state.finish(r, generated, len(prompts[r]), now - item.enqueued,
+                                        think_opened=self._opens_think(prompts[r])))
         del out, kwargs
         return results
 
@@ -412,7 +419,8 @@ class _RowState:
                 return True
         return False
 
-    def finish(self, r: int, generated: list[int], prompt_tokens: int, latency: float) -> Generation:
+    def finish(self, r: int, generated: list[int], prompt_tokens: int, latency: float,
+               think_opened: bool = False) -> Generation:
         request = self.items[r].request
         finish = "length"
         cut = min(len(generated), request.max_tokens)
@@ -436,6 +444,7 @@ class _RowState:
             prompt_tokens=prompt_tokens,
             token_ids=tuple(ids),
             latency=latency,
+            think_opened=think_opened,
         )
 
 

@@ -138,7 +138,7 @@ def combine_chunks(outputs: list[Generation]) -> Generation:
     prompt = sum(g.prompt_tokens for g in outputs)
     if not any(g.reasoning is not None for g in outputs):
         return Generation(text=raw, finish_reason=last.finish_reason, completion_tokens=completion,
-                          prompt_tokens=prompt)
+                          prompt_tokens=prompt, think_opened=outputs[0].think_opened)
     # The server splits reasoning out: re-split the joined text where the model closed its reasoning.
     close = raw.find(THINK_CLOSE)
     reasoning, text = (raw[:close], raw[close + len(THINK_CLOSE):]) if close >= 0 else (raw, "")

@@ -2,8 +2,9 @@
 
 Servers report reasoning three ways: a separate ``reasoning_content``/``reasoning`` field (vLLM and
 SGLang with a reasoning parser), ``<think>…</think>`` inline in the text, or only ``…</think>`` when
-the chat template already opened the think block in the prompt. A model without a think block has
-one trace that is both its reasoning and its answer.
+the chat template already opened the think block in the prompt (the backend then says so with
+``Generation.think_opened``, so a reply cut off before ``</think>`` is known to be unfinished
+reasoning). A model without a think block has one trace that is both its reasoning and its answer.
 """
 
 from __future__ import annotations
@@ -41,7 +42,12 @@ def split_reasoning(gen: Generation) -> Split:
     if opened >= 0:
         # Truncated inside its reasoning: there is no answer section yet.
         return Split(text[opened + len(THINK_OPEN):].lstrip("\n"), "", finished=False)
-    return Split(text, text, finished=stopped)
+    if gen.think_opened and not stopped:
+        # The template opened the think block and the model never closed it: all of it is reasoning.
+        return Split(text, "", finished=False)
+    # A model without a think block: one trace that is both reasoning and answer. Its reply counts
+    # even when cut at the budget, since it has no reasoning section apart from the answer.
+    return Split(text, text, finished=True)
 
 
 def carried_text(split: Split, source: str) -> str:
