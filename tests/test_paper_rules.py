@@ -52,6 +52,9 @@ def test_report_presets_give_the_last_stage_40k_and_default_is_beta():
     for name in ("zaya-16k", "zaya-40k", "light", "apex-high"):
         assert RSAConfig.from_preset(name).last_stage_budget == 40960, name
     assert RSAConfig(budget=1000, tail=10).last_stage_budget == 1000
+    assert RSAConfig.from_preset("zaya-16k", budget=24, tail=8).last_stage_budget == 24, \
+        "a budget set by hand is every stage's"
+    assert RSAConfig.from_preset("zaya-16k", budget=24, tail=8, final_budget=99).last_stage_budget == 99
 
 
 # -- 2. aggregation prompt ------------------------------------------------------------------------

@@ -31,7 +31,8 @@ K = Annotated[int | None, typer.Option("--k", help="K: tails in each aggregation
 Rounds = Annotated[int | None, typer.Option(help="T: aggregation rounds after round 0 (0 = parallel sampling).")]
 Budget = Annotated[int | None, typer.Option(help="β: max new tokens of one rollout.")]
 FinalBudget = Annotated[
-    int | None, typer.Option(help="Max new tokens of the last stage (round T or the final aggregation); default β.")
+    int | None, typer.Option(help="Max new tokens of the last stage (round T or the final aggregation); default β "
+                                  "(a preset's own, unless --budget is given).")
 ]
 PromptVersion = Annotated[
     str | None, typer.Option(help="Prompt-set version: 2 (current: instruction after the candidates, shuffled) or 1.")

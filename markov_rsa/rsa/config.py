@@ -89,7 +89,10 @@ class RSAConfig:
         """Build a config from a named preset; ``overrides`` set any field (``None`` values are ignored)."""
         if name not in PRESETS:
             raise ConfigError("preset", f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        values = {**PRESETS[name].values, **{k: v for k, v in overrides.items() if v is not None}}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        values = {**PRESETS[name].values, **given}
+        if "budget" in given and "final_budget" not in given:
+            values.pop("final_budget", None)  # a budget set by hand is every stage's unless said otherwise
         return cls.from_dict({**values, "preset": name})
 
     @classmethod

@@ -203,6 +203,8 @@ def _rsa_request(body: dict[str, Any], settings: ServerSettings, proxy: dict[str
     for name, value in rsa_object.items():
         changes[name] = value
         origin[name] = f"rsa.{name}"
+    if "budget" in changes and "final_budget" not in changes:
+        changes["final_budget"] = None  # a budget set by hand is every stage's unless said otherwise
     try:
         config = RSAConfig.from_dict({**settings.config.to_dict(), **changes, "preset": settings.config.preset})
     except ConfigError as exc:
