@@ -59,7 +59,7 @@ HOSTILE = {
     "symlinks its output to /dev/zero": "import posix\nposix.symlink('/dev/zero', 'stdout.txt')\n",
     "symlinks its output to a host file": "import posix\nposix.symlink('/etc/passwd', 'stdout.txt')\n",
     "fills /dev/shm": "open('/dev/shm/fill', 'wb').write(b'x' * 200 * 2**20)\n",
-    "fills its disk": "f = open('/work/fill', 'wb')\nfor _ in range(200):\n    f.write(b'x' * 2**20)\n",
+    "fills its disk": "f = open('/scratch/fill', 'wb')\nfor _ in range(200):\n    f.write(b'x' * 2**20)\n",
     "fork bomb as root": ("import posix\nwhile True:\n    try:\n        posix.fork()\n"
                           "    except OSError:\n        pass\n"),
     "setsid daemons": ("import posix, time\nfor _ in range(3):\n    if posix.fork() == 0:\n        posix.setsid()\n"

@@ -2,7 +2,7 @@
 
 What is isolated (``isolation="bwrap"``, the default; it refuses to run where bubblewrap cannot work):
 - Filesystem: the program sees only ``/usr`` (read-only; ``/bin``, ``/lib`` are its links), a private
-  ``/proc`` and ``/dev``, its read-only code at ``/sandbox`` and a size-capped writable ``/work``,
+  ``/proc`` and ``/dev``, its read-only code at ``/sandbox`` and a size-capped writable ``/scratch``,
   ``/tmp`` and ``/dev/shm``. No ``/root``, ``/home``, ``/etc``, work tree, caches, datasets or host
   ``/tmp``: private tests stay with the harness, which passes one test's input on stdin.
 - Identity: when the harness runs as root, each program runs as its own unprivileged uid (from a
@@ -111,7 +111,7 @@ class SandboxLimits:
     output_bytes: int = 8 * 1024 * 1024
     max_processes: int = 16
     max_open_files: int = 64
-    #: Size of each writable tmpfs (/work, /tmp, /dev/shm).
+    #: Size of each writable tmpfs (/scratch, /tmp, /dev/shm).
     disk_mb: int = 64
 
 
@@ -180,10 +180,10 @@ class Sandbox:
         if not str(python_home).startswith("/usr"):
             command += ["--ro-bind", str(python_home), str(python_home)]
         command += ["--proc", "/proc", "--dev", "/dev", "--size", str(mb), "--tmpfs", "/dev/shm",
-                    "--size", str(mb), "--tmpfs", "/tmp", "--size", str(mb), "--tmpfs", "/work",
-                    "--ro-bind", str(code_dir), "/sandbox", "--chdir", "/work", "--uid", "65534", "--gid", "65534",
+                    "--size", str(mb), "--tmpfs", "/tmp", "--size", str(mb), "--tmpfs", "/scratch",
+                    "--ro-bind", str(code_dir), "/sandbox", "--chdir", "/scratch", "--uid", "65534", "--gid", "65534",
                     "--clearenv"]
-        for key, value in self._env("/work").items():
+        for key, value in self._env("/scratch").items():
             command += ["--setenv", key, value]
         return [*command, *inner]
 
