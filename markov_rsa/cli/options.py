@@ -6,7 +6,6 @@ one vocabulary.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import typing
@@ -17,7 +16,7 @@ import typer
 
 from markov_rsa.backends.factory import BackendOptions, build_backend
 
-__all__ = ["BackendOptions", "backend_options", "build_backend", "build_config", "rsa_fields"]
+__all__ = ["RSA_OPTIONS", "BackendOptions", "backend_options", "build_backend", "build_config", "rsa_options"]
 from markov_rsa.rsa.config import PRESETS, RSAConfig
 from markov_rsa.rsa.config import ChunkMode as ChunkModeName
 from markov_rsa.rsa.config import FinalMode as FinalModeName
@@ -121,15 +120,6 @@ def rsa_options(command: Callable[..., Any]) -> Callable[..., Any]:
     wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
     return wrapper
-
-
-#: Flags that map one to one onto RSAConfig fields.
-RSA_FIELDS = tuple(f.name for f in dataclasses.fields(RSAConfig) if f.name != "preset")
-
-
-def rsa_fields(values: Mapping[str, Any]) -> dict[str, Any]:
-    """The RSAConfig settings among a command's parameters (unset ones are None and ignored later)."""
-    return {name: values[name] for name in RSA_FIELDS if name in values}
 
 
 def backend_options(values: Mapping[str, Any], *, key_env_param: str = "api_key_env") -> BackendOptions:

@@ -73,7 +73,6 @@ MATH_SETS: dict[str, MathSet] = {
 LCB_HUB_ID = "livecodebench/code_generation_lite"
 #: Releases of LiveCodeBench's code_generation_lite and the files each one spans.
 LCB_RELEASES = {f"v{i}": [("test.jsonl" if j == 1 else f"test{j}.jsonl") for j in range(1, i + 1)] for i in range(1, 7)}
-TASKS = (*MATH_SETS, "lcb")
 
 
 def data_dir_from_env(data_dir: str | Path | None) -> Path | None:
