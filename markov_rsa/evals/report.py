@@ -10,6 +10,7 @@ holds every figure of the Markdown for scripts.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -44,6 +45,12 @@ class RunData:
     summary: Summary
     records: list[ProblemRecord]
 
+    @functools.cached_property
+    def figures(self) -> dict[str, Any]:
+        """Every figure of the run, intervals included, computed once however many tables and plots read
+        them (each interval is a bootstrap or an exact binomial over problems)."""
+        return _figures(self)
+
 
 def method_label(config: dict[str, Any]) -> str:
     core = f"N{config['population']} K{config['k']} T{config['rounds']} β{config['budget']} τ{config['tail']}"
@@ -74,6 +81,10 @@ def accuracy(run: RunData, metric: str) -> dict[str, float]:
 
 def run_json(run: RunData) -> dict[str, Any]:
     """Every figure of one run, as the report shows it."""
+    return run.figures
+
+
+def _figures(run: RunData) -> dict[str, Any]:
     s = run.summary
     rounds = []
     for index, kind, avg, maj, pass_n, tokens in s.rounds:
@@ -106,7 +117,7 @@ def results_table(runs: list[RunData], published: list[Published] | None = None)
     for run in runs:
         s = run.summary
         rows.append([run.name, run.task, run.label, str(run.backend.get("model", "")), str(s.problems),
-                     *(_with_interval(accuracy(run, metric)) for _, _, metric in METRICS),
+                     *(_with_interval(run.figures["metrics"][key]) for key, _, _ in METRICS),
                      f"{s.tokens_per_problem:,.0f}", f"{s.seconds_per_problem:.1f}"])
     for p in published or []:
         rows.append(["published", p.task, p.method, p.model, "", f"{_pct(p.accuracy)} (published)", "", "", "", "",
