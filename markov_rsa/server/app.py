@@ -31,7 +31,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from markov_rsa.backends.base import GenerationRequest, SamplingParams
 from markov_rsa.backends.openai import scrub
 from markov_rsa.errors import (
     AuthenticationError,
@@ -46,7 +45,7 @@ from markov_rsa.rsa.result import RSAResult
 from markov_rsa.rsa.tails import split_reasoning
 from markov_rsa.server.metrics import Metrics
 from markov_rsa.server.replies import Reply, message, progress_comment, reply_chunks, reply_from_result, usage_body
-from markov_rsa.server.requests import ParsedRequest, RequestError, parse_request, reject_constant
+from markov_rsa.server.requests import ParsedRequest, RequestError, parse_request, plain_request, reject_constant
 from markov_rsa.server.settings import ServerSettings
 
 logger = logging.getLogger("markov_rsa.server")
@@ -144,17 +143,8 @@ class _Server:
 
     async def _local_passthrough(self, parsed: ParsedRequest) -> Response:
         """A backend without an upstream (the local model): one generation from the request's fields."""
-        body = parsed.body
         try:
-            plain = parse_request({**body, "extended_compute": True}, self.settings)
-            sampling = SamplingParams(temperature=float(body.get("temperature", 1.0)),
-                                      top_p=float(body.get("top_p", 1.0)), top_k=body.get("top_k") or None,
-                                      seed=body.get("seed"), stop=plain.config.stop if plain.config else ())
-            max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or \
-                self.settings.config.last_stage_budget
-            request = GenerationRequest((*plain.context, {"role": "user", "content": plain.problem}, *plain.trailing),
-                                        int(max_tokens), sampling, tools=plain.tools)
-            gen = await self.settings.backend.generate(request)
+            gen = await self.settings.backend.generate(plain_request(parsed.body, self.settings))
         except RequestError as exc:
             return error_response(str(exc), exc.status, param=exc.param)
         except MarkovRSAError as exc:
@@ -252,7 +242,7 @@ class _Server:
                         yield piece
             finished = True
         except MarkovRSAError as exc:
-            yield f"data: {json.dumps(json.loads(bytes(self.backend_error(exc).body)))}\n\n"
+            yield f"data: {bytes(self.backend_error(exc).body).decode()}\n\n"  # the body is JSON already
             finished = True
         finally:
             self.metrics.runs_in_flight -= 1

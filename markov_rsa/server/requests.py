@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from markov_rsa.backends.base import Message
+from markov_rsa.backends.base import GenerationRequest, Message, SamplingParams
 from markov_rsa.errors import ConfigError
 from markov_rsa.rsa.config import RSAConfig
 from markov_rsa.server.settings import ServerLimits, ServerSettings
@@ -163,16 +163,9 @@ def parse_request(body: Any, settings: ServerSettings) -> ParsedRequest:
     return _rsa_request(body, settings, proxy, rsa_object or {}, common)
 
 
-def _rsa_request(body: dict[str, Any], settings: ServerSettings, proxy: dict[str, Any], rsa_object: dict[str, Any],
-                 common: dict[str, Any]) -> ParsedRequest:
-    messages = _messages(body.get("messages"), settings.limits)
-    for name, why in REFUSED.items():
-        if body.get(name) not in (None, False, 0):
-            raise RequestError(f"{name}: not supported with RSA ({why})", name)
-    n = _number(body, "n", int, minimum=1)
-    if n not in (None, 1):
-        raise RequestError("n: only n=1 is supported with RSA (rsa.final='population' returns the whole "
-                           "population)", "n")
+def _generation_fields(body: dict[str, Any]) -> tuple[tuple[str, ...] | None, int | None, list[dict[str, Any]]]:
+    """The fields of a chat request that shape each generation, checked: stop sequences, max tokens and
+    tools (sampling fields are checked too, and read where they are used)."""
     stop = body.get("stop")
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list)
                                                            and all(isinstance(s, str) for s in stop))):
@@ -183,6 +176,32 @@ def _rsa_request(body: dict[str, Any], settings: ServerSettings, proxy: dict[str
     tools = body.get("tools") or []
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise RequestError("tools must be a list of tool objects", "tools")
+    stops = None if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    return stops, max_tokens, tools
+
+
+def plain_request(body: dict[str, Any], settings: ServerSettings) -> GenerationRequest:
+    """A pass-through request as one generation, for a backend without an upstream to relay to."""
+    messages = _messages(body.get("messages"), settings.limits)
+    stop, max_tokens, tools = _generation_fields(body)
+    sampling = SamplingParams(
+        temperature=float(body.get("temperature", 1.0)), top_p=float(body.get("top_p", 1.0)),
+        top_k=body.get("top_k") or None, seed=body.get("seed"), stop=stop or ())
+    return GenerationRequest(tuple(messages), max_tokens or settings.config.last_stage_budget, sampling,
+                             tools=tuple(tools))
+
+
+def _rsa_request(body: dict[str, Any], settings: ServerSettings, proxy: dict[str, Any], rsa_object: dict[str, Any],
+                 common: dict[str, Any]) -> ParsedRequest:
+    messages = _messages(body.get("messages"), settings.limits)
+    for name, why in REFUSED.items():
+        if body.get(name) not in (None, False, 0):
+            raise RequestError(f"{name}: not supported with RSA ({why})", name)
+    n = _number(body, "n", int, minimum=1)
+    if n not in (None, 1):
+        raise RequestError("n: only n=1 is supported with RSA (rsa.final='population' returns the whole "
+                           "population)", "n")
+    stop, max_tokens, tools = _generation_fields(body)
 
     changes: dict[str, Any] = {}
     origin: dict[str, str] = {}
@@ -191,7 +210,7 @@ def _rsa_request(body: dict[str, Any], settings: ServerSettings, proxy: dict[str
             changes[target] = body[name]
             origin[target] = name
     if stop is not None:
-        changes["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        changes["stop"] = stop
         origin["stop"] = "stop"
     if proxy:
         proxy_changes, proxy_origin = proxy_config(proxy, settings.config, max_tokens)
