@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_PROBLEM ?= What is the sum of the first ten positive odd numbers? Give the final answer in \boxed{}.
 
-.PHONY: demo test lint bench clean sandbox-deps browser-deps llama-server sample-report
+.PHONY: demo test lint bench bench-gpu clean sandbox-deps browser-deps llama-server sample-report
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,12 @@ test: lint sandbox-deps browser-deps llama-server $(VENV)/.installed-model
 
 bench: $(VENV)/.installed-dev $(VENV)/.installed-model sandbox-deps
 	$(BIN)/python -m bench.run
+
+# The local backend at ZAYA1-8B's shapes (random bf16 weights) on one GPU: bench/gpu-results/results.md, < 8 min.
+# It needs a GPU build of torch in .venv: PyPI's torch is the CUDA build (where TORCH_SPEC is not forced to
+# a CPU index); for ROCm, install torch from PyTorch's ROCm index into .venv first.
+bench-gpu: $(VENV)/.installed-dev $(VENV)/.installed-model
+	$(BIN)/python -m bench.gpu --device cuda
 
 # docs/sample-report: what rsa report makes of two runs against a loopback server with scripted answers.
 sample-report: $(VENV)/.installed-dev

@@ -57,14 +57,18 @@ async def test_seeded_sampling_is_reproducible_and_independent_of_batching(smol)
     assert other_seed.token_ids != alone.token_ids
 
 
-async def test_requests_arriving_during_a_batch_join_the_next_one(smol):
-    before = smol.stats.batches
-    first = asyncio.create_task(smol.generate(req(HELLO, 24)))
-    await asyncio.sleep(0.2)  # the first batch is running now
+async def test_requests_arriving_during_a_batch_join_it(smol):
+    before = smol.stats
+    first = asyncio.create_task(smol.generate(req(HELLO, 40)))
+    await asyncio.sleep(0.3)  # the first row is decoding now
     late = await asyncio.gather(*(smol.generate(req(OTHER, 4)) for _ in range(3)))
-    await first
+    assert not first.done(), "the late requests did not wait for the running row to finish"
     assert all(g.completion_tokens == 4 for g in late)
-    assert smol.stats.batches - before == 2
+    await first
+    stats = smol.stats
+    assert stats.batches - before.batches == 2 and stats.joins - before.joins == 1
+    assert stats.prefill_tokens_saved - before.prefill_tokens_saved == 2 * (late[0].prompt_tokens - 1), \
+        "the three identical late prompts were prefilled once"
 
 
 async def test_cancelled_request_is_dropped(smol):
@@ -174,3 +178,105 @@ async def test_loads_a_gguf_file_directly():
         assert backend.info.extra["model_type"] == "llama"
     finally:
         backend.close()
+
+
+PROMPTS = [
+    ({"role": "user", "content": "Count from one to twenty."},),
+    HELLO,
+    ({"role": "user", "content": "Hi"},),
+    OTHER,
+    ({"role": "user", "content": "Describe a long, winding river that flows through three countries."},),
+    HELLO,
+]
+LENGTHS = [48, 9, 30, 5, 22, 40]
+
+
+async def staggered(backend, gap: float) -> list[tuple[int, ...]]:
+    """The requests of PROMPTS/LENGTHS, each sent ``gap`` seconds after the previous one."""
+
+    async def later(i: int):
+        await asyncio.sleep(gap * i)
+        return await backend.generate(req(PROMPTS[i], LENGTHS[i]))
+
+    return [g.token_ids for g in await asyncio.gather(*(later(i) for i in range(len(PROMPTS))))]
+
+
+@pytest.mark.parametrize("name", ["smol_model", "tiny_zaya", "tiny_qwen_moe"])
+async def test_staggered_arrivals_and_departures_equal_one_at_a_time(name, request, tokenizer):
+    """Rows join a running batch (prompts longer and shorter than it) and leave it as they end.
+
+    On ZAYA this carries CCA's convolution and recurrent value state through every merge and drop;
+    a row whose state were mixed up with another's, or shifted by padding, would change tokens.
+    """
+    model = request.getfixturevalue(name)
+    backend = TransformersBackend(model_object=model, tokenizer_object=tokenizer, device="cpu", max_batch_size=3)
+    try:
+        alone = [(await backend.generate(req(p, n))).token_ids for p, n in zip(PROMPTS, LENGTHS, strict=True)]
+        before = backend.stats
+        gap = 0.15 if name == "smol_model" else 0.01
+        together = await staggered(backend, gap)
+        stats = backend.stats
+    finally:
+        backend.close()
+    assert together == alone
+    assert stats.joins - before.joins >= 2, "rows joined a running batch"
+    assert stats.peak_rows == 3, "the cache held up to max_batch_size rows, never more"
+    assert stats.steps - before.steps < sum(len(t) for t in alone), "rows shared decode steps"
+    wasted = (stats.row_steps - before.row_steps) - (stats.kept_tokens - before.kept_tokens)
+    assert wasted == sum(len(t) < n for t, n in zip(alone, LENGTHS, strict=True)), \
+        "the only row-steps not kept are end-of-text tokens: no step computed a finished row"
+
+
+@pytest.fixture(scope="module")
+def smol_model(demo_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(demo_dir).eval()
+
+
+async def until(backend, rows: int, task) -> None:
+    while backend.stats.cache_rows != rows and not task.done():
+        await asyncio.sleep(0.001)
+
+
+async def test_finished_rows_leave_the_cache_and_free_it(tiny_zaya, tokenizer):
+    backend = TransformersBackend(model_object=tiny_zaya, tokenizer_object=tokenizer, device="cpu")
+    try:
+        alone = await backend.generate(req(HELLO, 600))
+        long = asyncio.create_task(backend.generate(req(HELLO, 600)))
+        short = await asyncio.gather(*(backend.generate(req(OTHER, 12)) for _ in range(3)))
+        while backend.stats.cache_rows != 1 and not long.done():
+            await asyncio.sleep(0.001)
+        one_row = backend.stats
+        assert not long.done(), "the long row was still running"
+        assert (await long).token_ids == alone.token_ids
+    finally:
+        backend.close()
+    assert all(g.completion_tokens == 12 for g in short)
+    assert one_row.cache_rows == 1 and one_row.peak_rows == 4
+    # four rows about as wide as the one left: the departed rows' share of the cache was freed
+    assert one_row.cache_bytes < one_row.peak_cache_bytes / 2
+    assert backend.stats.cache_rows == 0 and backend.stats.cache_bytes == 0
+
+
+async def test_sliding_window_models_drop_rows_but_join_only_an_empty_batch(tokenizer):
+    """A cache layout the merge does not know still runs correctly: rows wait for an empty batch."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, use_sliding_window=True, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    model = Qwen3ForCausalLM(config).eval()
+    backend = TransformersBackend(model_object=model, tokenizer_object=tokenizer, device="cpu", max_batch_size=3)
+    try:
+        alone = [(await backend.generate(req(p, n))).token_ids for p, n in zip(PROMPTS, LENGTHS, strict=True)]
+        together = await staggered(backend, 0.01)
+    finally:
+        backend.close()
+    assert together == alone
+    assert backend.stats.joins == 0

@@ -1,29 +1,34 @@
 """TransformersBackend: any causal LM that transformers loads, batched, on ROCm, CUDA or CPU.
 
-All model work runs on one worker thread. ``generate`` only enqueues; the worker takes every
-request that is waiting (up to ``max_batch_size``) as one batch, so a whole round runs together
-and requests arriving meanwhile form the next batch. Sampling is done per row with the row's own
-seeded generator, so a request's tokens do not depend on which batch it lands in.
+All model work runs on one worker thread that keeps a running batch (``local_batch``): between
+decode steps, finished or cancelled rows leave it and waiting requests are prefilled and join it,
+up to ``max_batch_size`` rows. A ragged round therefore never computes padding for rows that
+ended, and the next round of another problem (or a second ``rsa serve`` request) starts as soon
+as there is room rather than when the whole batch has drained. Sampling is done per row with the
+row's own seeded generator and stops are checked per row, so a request's tokens do not depend on
+when it joined or which rows it shared steps with.
 
-When every request of a batch has the same prompt (round 0 of a run), the prompt is prefilled
-once and its cache expanded to the batch with ``Cache.reorder_cache`` and a zero index, which is
-correct for recurrent/convolutional layers (ZAYA's CCA) as well as attention.
+Identical prompts that join together are prefilled once and their cache expanded to every row
+with ``Cache.reorder_cache``, which is correct for recurrent/convolutional layers (ZAYA's CCA) as
+well as attention: round 0's N identical prompts cost one prefill.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
-import gc
+import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from markov_rsa.backends.base import BackendInfo, Generation, GenerationRequest
+from markov_rsa.backends.local_batch import Row, RunningBatch
 from markov_rsa.errors import BackendRequestError, BackendUnavailableError, MissingDependencyError
 
 _INSTALL_HINT = "install the local backend with: pip install 'markov-rsa[local]'"
@@ -63,14 +68,32 @@ class _Item:
         return self.abandoned or self.future.cancelled()
 
 
-@dataclass(frozen=True)
+@dataclass
 class BatchStats:
-    """Counters for benchmarks: how work was batched and how much prefill sharing saved."""
+    """Counters for benchmarks and tests: how work was batched, shared and kept.
 
-    batches: int
-    rows: int
-    prefill_tokens: int
-    prefill_tokens_saved: int
+    ``batches`` counts prefills (a group of requests joining the batch together), ``joins`` those
+    that joined rows already running; ``row_steps``
+    counts rows fed to decode steps, ``kept_tokens`` the tokens of the completions returned
+    (an end-of-text token, text past a stop string and cancelled rows are not kept), so
+    ``kept_tokens / row_steps`` is the share of decode work that was not wasted.
+    ``cache_rows``/``cache_bytes`` are read from the cache tensors after the latest step and
+    ``peak_rows``/``peak_cache_bytes`` their maxima: the batch never holds more than ``max_batch_size`` rows.
+    The worker updates its own instance; ``TransformersBackend.stats`` hands out copies.
+    """
+
+    batches: int = 0
+    joins: int = 0
+    rows: int = 0
+    prefill_tokens: int = 0
+    prefill_tokens_saved: int = 0
+    steps: int = 0
+    row_steps: int = 0
+    kept_tokens: int = 0
+    cache_rows: int = 0
+    cache_bytes: int = 0
+    peak_rows: int = 0
+    peak_cache_bytes: int = 0
 
 
 class TransformersBackend:
@@ -104,8 +127,9 @@ class TransformersBackend:
         self.model.eval()
         if self.tokenizer is None:
             raise BackendRequestError("tokenizer: the local backend needs the model's tokenizer")
-        self._eos = self._eos_ids()
-        self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._eos[0]
+        eos = self._eos_ids()
+        self._eos_set = frozenset(eos)
+        self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos[0]
         self._info = BackendInfo(
             kind="transformers",
             model=name or str(model or getattr(self.model.config, "_name_or_path", "model")),
@@ -118,7 +142,7 @@ class TransformersBackend:
         self.batch_window = batch_window
         self._tok_lock = threading.Lock()
         self._queue: queue.Queue[_Item | None] = queue.Queue()
-        self._stats = [0, 0, 0, 0]
+        self._stats = BatchStats()
         self._closed = False
         self._stopping = threading.Event()
         self._worker = threading.Thread(target=self._work, name="markov-rsa-transformers", daemon=True)
@@ -168,7 +192,7 @@ class TransformersBackend:
 
     @property
     def stats(self) -> BatchStats:
-        return BatchStats(*self._stats)
+        return dataclasses.replace(self._stats)
 
     async def ready(self) -> None:
         return None
@@ -211,46 +235,128 @@ class TransformersBackend:
 
     # -- the worker ---------------------------------------------------------------------------
     def _work(self) -> None:
+        batch = RunningBatch(self.model, self._torch, self._device, self._pad, self.prefix_sharing)
+        waiting: collections.deque[_Item] = collections.deque()
         while True:
-            first = self._queue.get()
-            if first is None or self._stopping.is_set():
-                self._fail_queued(first)
+            closing = self._collect(waiting, block=not batch.rows)
+            if closing or self._stopping.is_set():
+                self._fail(batch, waiting)
                 return
-            batch = [first]
-            deadline = time.perf_counter() + self.batch_window
-            while len(batch) < self.max_batch_size:
-                try:
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
-            live = [item for item in batch if item.future.set_running_or_notify_cancel()]
-            if not live:
-                continue
             try:
-                outputs = self._run_batch(live)
-            except Exception as exc:  # one bad batch must not kill the worker
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(BackendUnavailableError(f"local generation failed: {exc}"))
-                continue
-            finally:
-                gc.collect()
-                if self._device != "cpu":
-                    self._torch.cuda.empty_cache()
-            for item, out in zip(live, outputs, strict=True):
-                if item.future.done():
-                    continue
-                if self._stopping.is_set():  # cut short by close(): not a real truncation
-                    item.future.set_exception(BackendUnavailableError("the local backend was closed"))
-                else:
-                    item.future.set_result(out)
+                with self._torch.inference_mode():
+                    self._admit(batch, waiting)
+                    if batch.rows:
+                        batch.step()
+                        self._stats.steps += 1
+                        self._stats.row_steps += len(batch.rows)
+                        self._finish_rows(batch)
+            except Exception as exc:  # one failed step fails its rows, never the worker
+                error = BackendUnavailableError(f"local generation failed: {exc}")
+                for row in batch.rows:
+                    if not row.owner.future.done():
+                        row.owner.future.set_exception(error)
+                batch.drop(set(range(len(batch.rows))))
+            if not batch.rows:
+                self._stats.cache_rows = self._stats.cache_bytes = 0
 
-    def _fail_queued(self, first: _Item | None) -> None:
-        items = [first] if first is not None else []
+    def _collect(self, waiting: collections.deque[_Item], *, block: bool) -> bool:
+        """Move queued requests to ``waiting``; True once close() was called.
+
+        An idle worker blocks for the first request; whenever something arrives it waits up to
+        ``batch_window`` for the rest of its round, so the round is prefilled (and shared) at once.
+        """
+        window_end: float | None = None
+        while True:
+            try:
+                if block and not waiting:
+                    item = self._queue.get()
+                elif window_end is not None:
+                    item = self._queue.get(timeout=max(0.0, window_end - time.perf_counter()))
+                else:
+                    item = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            waiting.append(item)
+            if window_end is None:
+                window_end = time.perf_counter() + self.batch_window
+
+    def _admit(self, batch: RunningBatch, waiting: collections.deque[_Item]) -> None:
+        if not waiting or not batch.accepts_joins():
+            return
+        joining: list[Row] = []
+        while waiting and len(batch.rows) + len(joining) < self.max_batch_size:
+            item = waiting.popleft()
+            if not item.future.set_running_or_notify_cancel():
+                continue  # cancelled while it waited: it never runs
+            try:
+                joining.append(self._row(item))
+            except Exception as exc:  # a prompt the tokenizer rejects fails that request only
+                item.future.set_exception(BackendRequestError(f"messages: {exc}"))
+        if not joining:
+            return
+        running = bool(batch.rows)
+        try:
+            admitted = batch.admit(joining)
+        except Exception as exc:
+            error = BackendUnavailableError(f"local generation failed: {exc}")
+            for row in joining:
+                row.owner.future.set_exception(error)
+            return
+        self._stats.batches += 1
+        self._stats.joins += running
+        self._stats.rows += admitted.rows
+        self._stats.prefill_tokens += admitted.computed
+        self._stats.prefill_tokens_saved += admitted.saved
+        self._stats.peak_rows = max(self._stats.peak_rows, batch.cache_rows())
+
+    def _row(self, item: _Item) -> Row:
+        sampling = item.request.sampling
+        generator = self._torch.Generator()
+        generator.manual_seed(sampling.seed if sampling.seed is not None else self._torch.seed())
+        return Row(item, self._prompt_ids(item.request), sampling.temperature, sampling.top_p, sampling.top_k,
+                   generator)
+
+    def _finish_rows(self, batch: RunningBatch) -> None:
+        """Drop finished rows, update the counters, then resolve their futures (in that order, so
+        a caller woken by its result sees counters that already include it)."""
+        finished = [(n, row) for n, row in enumerate(batch.rows) if self._done(row)]
+        held = batch.cache_bytes()
+        if finished:
+            batch.drop({n for n, _ in finished})
+        now = time.perf_counter()
+        results = [(row, self._generation(row, now - row.owner.enqueued, self._opens_think(row.prompt)))
+                   for _, row in finished if not row.owner.cancelled]
+        self._stats.kept_tokens += sum(generation.completion_tokens for _, generation in results)
+        self._stats.cache_rows = batch.cache_rows()
+        self._stats.cache_bytes = batch.cache_bytes()
+        self._stats.peak_rows = max(self._stats.peak_rows, self._stats.cache_rows)
+        self._stats.peak_cache_bytes = max(self._stats.peak_cache_bytes, held)
+        for row, generation in results:
+            if not row.owner.future.done():
+                row.owner.future.set_result(generation)
+
+    def _done(self, row: Row) -> bool:
+        """Whether a row is finished: end of text, its token limit, a stop string, or cancelled."""
+        request = row.owner.request
+        if row.owner.cancelled or len(row.generated) >= request.max_tokens or row.generated[-1] in self._eos_set:
+            return True
+        if request.sampling.stop:
+            with self._tok_lock:
+                text = self.tokenizer.decode(row.generated[-64:], skip_special_tokens=False)
+            return any(stop in text for stop in request.sampling.stop)
+        return False
+
+    def _fail(self, batch: RunningBatch, waiting: collections.deque[_Item]) -> None:
+        closed = BackendUnavailableError("the local backend was closed")
+        for row in batch.rows:
+            if not row.owner.future.done():
+                row.owner.future.set_exception(closed)
+        batch.drop(set(range(len(batch.rows))))
+        self._fail_queued(list(waiting))
+
+    def _fail_queued(self, items: list[_Item]) -> None:
         while True:
             try:
                 nxt = self._queue.get_nowait()
@@ -285,183 +391,28 @@ class TransformersBackend:
             tail = self.tokenizer.decode(prompt[-8:], skip_special_tokens=False)
         return tail.rstrip().endswith("<think>")
 
-    def _run_batch(self, items: list[_Item]) -> list[Generation]:
-        torch = self._torch
-        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-
-        prompts = [self._prompt_ids(item.request) for item in items]
-        rows = len(items)
-        max_new = max(item.request.max_tokens for item in items)
-        shared = self.prefix_sharing and rows > 1 and all(p == prompts[0] for p in prompts)
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((rows, width), self._pad, dtype=torch.long)
-        attention = torch.zeros((rows, width), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            input_ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            attention[r, width - len(p):] = 1
-        input_ids, attention = input_ids.to(self._device), attention.to(self._device)
-        state = _RowState(items, width, self._eos, self.tokenizer, self._tok_lock, torch, self._stopping)
-        config = GenerationConfig(
-            max_new_tokens=max_new,
-            do_sample=False,
-            pad_token_id=self._pad,
-            eos_token_id=self._eos,
-            use_cache=True,
-        )
-        kwargs: dict[str, Any] = {}
-        prefill = sum(len(p) for p in prompts)
-        saved = 0
-        with torch.inference_mode():
-            if shared and width > 1:
-                prefix = input_ids[:1, :-1]
-                prefilled = self.model(input_ids=prefix, use_cache=True)
-                cache = getattr(prefilled, "cache", None) or prefilled.past_key_values
-                cache.reorder_cache(torch.zeros(rows, dtype=torch.long, device=self._device))
-                kwargs["cache"] = cache
-                del prefilled
-                saved = (rows - 1) * (width - 1)
-            out = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention,
-                generation_config=config,
-                logits_processor=LogitsProcessorList([state.sampler]),
-                stopping_criteria=StoppingCriteriaList([state.stopper]),
-                **kwargs,
-            )
-        self._stats[0] += 1
-        self._stats[1] += rows
-        self._stats[2] += prefill - saved
-        self._stats[3] += saved
-        now = time.perf_counter()
-        results = []
-        for r, item in enumerate(items):
-            generated = out[r, width:].tolist()
-            results.append(state.finish(r, generated, len(prompts[r]), now - item.enqueued,
-                                        think_opened=self._opens_think(prompts[r])))
-        del out, kwargs
-        return results
-
-
-class _RowState:
-    """Per-row sampling and stopping for one batch, run inside ``model.generate``.
-
-    Sampling happens here, with each row's own seeded generator, and the chosen token is forced
-    through greedy decoding; generate itself therefore never draws from the global RNG.
-    """
-
-    def __init__(self, items: list[_Item], width: int, eos: list[int], tokenizer: Any, lock: Any, torch: Any,
-                 stopping: threading.Event):
-        self.items = items
-        self.stopping = stopping
-        self.width = width
-        self.eos = set(eos)
-        self.tokenizer = tokenizer
-        self.lock = lock
-        self.torch = torch
-        self.generators = []
-        for item in items:
-            g = torch.Generator()
-            g.manual_seed(item.request.sampling.seed if item.request.sampling.seed is not None else torch.seed())
-            self.generators.append(g)
-        self.params: dict[str, Any] = {}  # per-row sampling tensors, built on the first step's device
-        self.sampler = self._sample
-        self.stopper = _Stopper(self)
-
-    def _row_params(self, device: Any, vocab: int) -> dict[str, Any]:
-        if not self.params:
-            torch = self.torch
-            params = [item.request.sampling for item in self.items]
-            self.params = {
-                "temps": torch.tensor([max(p.temperature, 1e-6) for p in params], device=device),
-                "top_k": torch.tensor([p.top_k or vocab for p in params], device=device),
-                "top_p": torch.tensor([p.top_p for p in params], device=device),
-                "greedy": torch.tensor([p.temperature <= 0 for p in params], device=device),
-                "position": torch.arange(vocab, device=device)[None, :],
-                "rows": torch.arange(len(params), device=device),
-            }
-        return self.params
-
-    def _sample(self, input_ids: Any, scores: Any) -> Any:
-        """One sort per step for the whole batch; each row's generator only draws its uniform."""
-        torch = self.torch
-        logits = scores.float()
-        vocab = logits.shape[1]
-        p = self._row_params(logits.device, vocab)
-        sorted_logits, order = torch.sort(logits / p["temps"][:, None], dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        cumulative = torch.cumsum(probs, dim=-1)
-        keep = (p["position"] < p["top_k"][:, None]) & ((cumulative - probs) <= p["top_p"][:, None])
-        keep[:, 0] = True
-        cdf = torch.cumsum(probs * keep, dim=-1)
-        uniforms = torch.stack([torch.rand((), generator=g) for g in self.generators]).to(logits.device)
-        picked = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None]).clamp_(max=vocab - 1)
-        tokens = torch.where(p["greedy"], order[:, 0], order.gather(1, picked).squeeze(1))
-        forced = torch.full_like(scores, float("-inf"))
-        forced[p["rows"], tokens] = 0.0
-        return forced
-
-    def done(self, r: int, count: int, last: int | None, recent: Callable[[], list[int]]) -> bool:
-        """Whether row ``r`` is finished after ``count`` generated tokens, the last one ``last``.
-
-        ``recent`` gives the last few generated ids; it is called only for rows with stop strings,
-        so a step never copies whole sequences out of the tensor.
-        """
-        item = self.items[r]
-        if item.cancelled or self.stopping.is_set() or count >= item.request.max_tokens:
-            return True
-        if last is not None and last in self.eos:
-            return True
-        stops = item.request.sampling.stop
-        if stops:
-            with self.lock:
-                text = self.tokenizer.decode(recent(), skip_special_tokens=False)
-            if any(stop in text for stop in stops):
-                return True
-        return False
-
-    def finish(self, r: int, generated: list[int], prompt_tokens: int, latency: float,
-               think_opened: bool = False) -> Generation:
-        request = self.items[r].request
+    def _generation(self, row: Row, latency: float, think_opened: bool) -> Generation:
+        request = row.owner.request
         finish = "length"
-        cut = min(len(generated), request.max_tokens)
-        for pos, token in enumerate(generated[:cut]):
-            if token in self.eos:
-                cut, finish = pos, "stop"
+        ids = row.generated[: request.max_tokens]
+        for pos, token in enumerate(ids):
+            if token in self._eos_set:
+                ids, finish = ids[:pos], "stop"
                 break
-        ids = generated[:cut]
-        with self.lock:
+        with self._tok_lock:
             text = self.tokenizer.decode(ids, skip_special_tokens=False)
         for stop in request.sampling.stop:
             at = text.find(stop)
             if at >= 0:
                 text, finish = text[:at], "stop"
-                with self.lock:
+                with self._tok_lock:
                     ids = list(self.tokenizer.encode(text, add_special_tokens=False))
         return Generation(
             text=text,
             finish_reason=finish,
             completion_tokens=len(ids),
-            prompt_tokens=prompt_tokens,
+            prompt_tokens=len(row.prompt),
             token_ids=tuple(ids),
             latency=latency,
             think_opened=think_opened,
         )
-
-
-class _Stopper:
-    def __init__(self, state: _RowState) -> None:
-        self.state = state
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        torch = self.state.torch
-        width = self.state.width
-        count = input_ids.shape[1] - width
-        lasts = input_ids[:, -1].tolist() if count > 0 else [None] * input_ids.shape[0]
-        start = max(width, input_ids.shape[1] - 64)
-
-        def recent(r: int) -> Callable[[], list[int]]:
-            return lambda: list(input_ids[r, start:].tolist())
-
-        flags = [self.state.done(r, count, lasts[r], recent(r)) for r in range(input_ids.shape[0])]
-        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
-
