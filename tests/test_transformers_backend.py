@@ -19,11 +19,17 @@ def req(messages=HELLO, max_tokens=16, sampling=GREEDY, **kw) -> GenerationReque
     return GenerationRequest(messages, max_tokens, sampling, **kw)
 
 
+LONG = ({"role": "user", "content": "Summarise this. " + "The tide came in over the flats. " * 40},)
+
+
 async def test_batched_equals_one_at_a_time_under_greedy(smol):
-    alone = [await smol.generate(req(m, 12)) for m in (HELLO, OTHER)]
-    together = await asyncio.gather(*(smol.generate(req(m, 12)) for m in (HELLO, OTHER, HELLO, OTHER)))
-    assert [g.token_ids for g in together] == [a.token_ids for a in alone] * 2
+    """Prompts of very different lengths arrive together: prefilled in length groups, then merged."""
+    alone = [await smol.generate(req(m, 12)) for m in (HELLO, OTHER, LONG)]
+    before = smol.stats
+    together = await asyncio.gather(*(smol.generate(req(m, 12)) for m in (HELLO, LONG, OTHER, HELLO, OTHER)))
+    assert [g.token_ids for g in together] == [alone[i].token_ids for i in (0, 2, 1, 0, 1)]
     assert all(g.completion_tokens == len(g.token_ids) for g in together)
+    assert smol.stats.batches - before.batches == 1 and smol.stats.prefill_tokens_saved > before.prefill_tokens_saved
 
 
 async def test_token_counts_are_exact_and_max_tokens_is_respected(smol):
@@ -280,3 +286,23 @@ async def test_sliding_window_models_drop_rows_but_join_only_an_empty_batch(toke
         backend.close()
     assert together == alone
     assert backend.stats.joins == 0
+
+
+async def test_requests_beyond_the_batch_wait_prefilled_and_keep_their_tokens(tiny_zaya, tokenizer):
+    """Five requests for two slots: some are prefilled ahead and join as slots free, one is
+    cancelled while it waits; every other one gets the tokens it gets alone (CCA state included)."""
+    backend = TransformersBackend(model_object=tiny_zaya, tokenizer_object=tokenizer, device="cpu", max_batch_size=2)
+    try:
+        alone = [(await backend.generate(req(p, n))).token_ids for p, n in zip(PROMPTS, LENGTHS, strict=True)]
+        before = backend.stats
+        tasks = [asyncio.create_task(backend.generate(req(p, n))) for p, n in zip(PROMPTS, LENGTHS, strict=True)]
+        await asyncio.sleep(0.005)
+        tasks[4].cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        stats = backend.stats
+    finally:
+        backend.close()
+    assert isinstance(results[4], asyncio.CancelledError)
+    assert [r.token_ids for n, r in enumerate(results) if n != 4] == [t for n, t in enumerate(alone) if n != 4]
+    assert stats.peak_rows == 2 and stats.batches - before.batches < len(PROMPTS), "prefilled several at once"
+    assert stats.joins - before.joins >= 2

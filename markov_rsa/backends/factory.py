@@ -23,7 +23,9 @@ class BackendOptions:
     tokenizer: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    max_concurrency: int = 64
+    #: Most requests in flight at once: the remote backend's open requests (default 64), or the
+    #: local backend's running batch (default 16 rows).
+    max_concurrency: int | None = None
     timeout: float = 600.0
 
     @property
@@ -74,14 +76,15 @@ def build_backend(opts: BackendOptions, *, announce: bool = True) -> Backend:
             model=opts.model,
             api_key=api_key,
             tokenizer=opts.tokenizer,
-            max_concurrency=opts.max_concurrency,
+            max_concurrency=opts.max_concurrency or 64,
             timeout=opts.timeout,
         )
     if kind == "local":
         from markov_rsa.backends.transformers import TransformersBackend
 
         _quiet_transformers()
-        return TransformersBackend(opts.model, device=opts.device, dtype=opts.dtype)
+        return TransformersBackend(opts.model, device=opts.device, dtype=opts.dtype,
+                                   max_batch_size=opts.max_concurrency or 16)
     from markov_rsa.backends.demo import DEMO_MODEL_NAME, cache_root, demo_backend, demo_model_cached
 
     _quiet_transformers()
@@ -94,6 +97,7 @@ def build_backend(opts: BackendOptions, *, announce: bool = True) -> Backend:
         if not demo_model_cached():
             print(f"first run: converting the embedded GGUF once to a cached copy in {cache_root()} "
                   "(about 20 s)", file=sys.stderr)
-    return demo_backend(device="cpu" if opts.device == "auto" else opts.device)
+    return demo_backend(device="cpu" if opts.device == "auto" else opts.device,
+                        max_batch_size=opts.max_concurrency or 16)
 
 

@@ -7,12 +7,15 @@ that arrive meanwhile wait for it to drain. Here the batch is a set of rows that
 * every row always holds one *pending* token that the next decode step feeds (a joining row's last
   prompt token, or a running row's last sampled token), so a decode step is one forward pass of
   shape ``[rows, 1]`` whatever each row's age;
-* joining rows are prefilled on their own (each distinct prompt once, then expanded to the rows
-  that share it, which is how round 0's N identical prompts cost one prefill), and their cache is
-  concatenated onto the running one, left-padded to the common width and masked;
+* waiting requests are prefilled on their own (each distinct prompt once, then expanded to the
+  rows that share it, which is how round 0's N identical prompts cost one prefill; prompts of very
+  different lengths in separate forwards, so little padding is computed) and *staged*: when a slot
+  frees, a staged row's cache is concatenated onto the running one, left-padded to the common
+  width and masked. Prefilling up to ``max_batch_size // 2`` rows ahead of free slots lets rows
+  that end one at a time be replaced without one small prefill each;
 * a finished or cancelled row is removed from the cache with ``Cache.reorder_cache`` before the
-  next step, and padding columns no remaining row needs are cut from the left, so the cache holds
-  exactly the rows still running.
+  next step, and padding columns no remaining row needs are cut from the left, so the running
+  cache holds exactly the rows still running (staged rows hold their prompt only).
 
 Concatenating caches needs to know each layer's layout. Attention layers hold ``[B, H, S, D]``
 keys/values; linear-attention layers (ZAYA's CCA conv and recurrent value state) hold per-row state
@@ -25,6 +28,7 @@ when it joined or which rows it shared steps with.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,17 +71,27 @@ class RunningBatch:
         self.rows: list[Row] = []
         self.cache: Any = None
         self.mask: Any = None  #: ``[rows, width]`` long: which cache columns hold real tokens
-        #: None until the first prefill shows the cache layout; then whether new rows may join
-        #: a running batch (False: they wait until it is empty).
+        #: Whether new rows may join a running batch (False: they wait until it is empty), known
+        #: from the cache layout: guessed from the config, then checked on every prefill's cache.
         self.can_join: bool | None = None
+        #: Rows prefilled and waiting for a slot, with their own cache (prompt tokens only).
+        self.staged: list[Row] = []
+        self._staged_cache: Any = None
+        self._staged_mask: Any = None
         self._params: dict[str, Any] | None = None
 
     # -- admission ----------------------------------------------------------------------------
-    def accepts_joins(self) -> bool:
-        return not self.rows or self.can_join is not False
+    def can_stage(self) -> bool:
+        """Whether waiting requests may be prefilled now: always where caches merge; otherwise only
+        into an empty batch with nothing staged."""
+        return bool(self.can_join) or not (self.rows or self.staged)
 
-    def admit(self, rows: Sequence[Row]) -> Admission:
-        """Prefill ``rows`` (all but each prompt's last token) and add them to the batch."""
+    def stage(self, rows: Sequence[Row]) -> Admission:
+        """Prefill ``rows`` (all but each prompt's last token) and hold them until ``join``.
+
+        Prefilling ahead of free slots lets several requests share one forward pass (a round's
+        rows end one at a time), while joining still happens as soon as a slot frees.
+        """
         torch = self.torch
         unique: dict[tuple[int, ...], int] = {}
         owners = []
@@ -85,6 +99,77 @@ class RunningBatch:
             key = tuple(row.prompt[:-1]) if self.prefix_sharing else (n, *row.prompt[:-1])
             owners.append(unique.setdefault(key, len(unique)))
         prefixes = [list(key if self.prefix_sharing else key[1:]) for key in unique]
+        if self.can_join is None:  # a guess from the config until a prefill shows the real cache
+            self.can_join = _mergeable(_empty_cache(self.model))
+        groups = _length_groups(prefixes) if self.can_join else [list(range(len(prefixes)))]
+        cache, mask = self._prefill([prefixes[i] for i in groups[0]])
+        if self.can_join and not _mergeable(cache):  # the model built another cache than its config says
+            self.can_join = False
+            if len(groups) > 1:
+                groups = [list(range(len(prefixes)))]
+                cache, mask = self._prefill(prefixes)
+        for group in groups[1:]:
+            more, more_mask = self._prefill([prefixes[i] for i in group])
+            mask = _concat(torch, cache, mask, more, more_mask)
+            del more
+        order = [i for group in groups for i in group]
+        if len(prefixes) < len(rows) or order != sorted(order):
+            at = {u: n for n, u in enumerate(order)}
+            index = torch.tensor([at[u] for u in owners], dtype=torch.long, device=self.device)
+            cache.reorder_cache(index)
+            mask = mask.index_select(0, index)
+        for row in rows:
+            row.cached = len(row.prompt) - 1
+            row.pending = row.prompt[-1]
+        if not self.staged:
+            self._staged_cache, self._staged_mask = cache, mask
+        else:
+            self._staged_mask = _concat(torch, self._staged_cache, self._staged_mask, cache, mask)
+        self.staged.extend(rows)
+        computed = sum(len(p) for p in prefixes) + len(rows)
+        return Admission(len(rows), computed, sum(len(r.prompt) for r in rows) - computed)
+
+    def join(self, free: int) -> list[Row]:
+        """Move up to ``free`` staged rows (oldest first) into the running batch; staged rows
+        whose request was cancelled are dropped. Returns the rows that joined."""
+        if not self.staged:
+            return []
+        torch = self.torch
+        alive = [n for n, row in enumerate(self.staged) if not row.owner.cancelled]
+        take, rest = alive[:free], alive[free:]
+        if take:
+            index = torch.tensor(take, dtype=torch.long, device=self.device)
+            everything = len(take) == len(self.staged)
+            if self.rows:
+                self.mask = _concat(torch, self.cache, self.mask, self._staged_cache, self._staged_mask, index)
+            elif rest:  # the rest stay staged: the running batch gets a copy of its rows
+                self.cache = _select(self._staged_cache, index)
+                self.mask = _trim(torch, self.cache, self._staged_mask.index_select(0, index), True)
+            else:  # the staged cache becomes the running one
+                self.cache, self.mask = self._staged_cache, self._staged_mask
+                if not everything:
+                    self.cache.reorder_cache(index)
+                    self.mask = _trim(torch, self.cache, self.mask.index_select(0, index), bool(self.can_join))
+            self.rows.extend(self.staged[n] for n in take)
+            self._params = None
+        joined = [self.staged[n] for n in take]
+        if not rest:
+            self.staged, self._staged_cache, self._staged_mask = [], None, None
+        elif len(rest) < len(self.staged):
+            index = torch.tensor(rest, dtype=torch.long, device=self.device)
+            self._staged_cache.reorder_cache(index)
+            self._staged_mask = _trim(torch, self._staged_cache, self._staged_mask.index_select(0, index), True)
+            self.staged = [self.staged[n] for n in rest]
+        return joined
+
+    def discard_staged(self) -> list[Row]:
+        """Forget every staged row (their requests are failed by the caller); returns them."""
+        rows, self.staged, self._staged_cache, self._staged_mask = self.staged, [], None, None
+        return rows
+
+    def _prefill(self, prefixes: list[list[int]]) -> tuple[Any, Any]:
+        """One left-padded forward over ``prefixes``: its cache and its ``[rows, width]`` mask."""
+        torch = self.torch
         width = max(1, max(len(p) for p in prefixes))
         ids = torch.full((len(prefixes), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(prefixes), width), dtype=torch.long)
@@ -96,51 +181,7 @@ class RunningBatch:
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        del out
-        if len(prefixes) < len(rows):
-            index = torch.tensor(owners, dtype=torch.long, device=self.device)
-            cache.reorder_cache(index)
-            mask = mask.index_select(0, index)
-        if self.can_join is None:
-            self.can_join = _mergeable(cache)
-        for row in rows:
-            row.cached = len(row.prompt) - 1
-            row.pending = row.prompt[-1]
-        if not self.rows:
-            self.cache, self.mask = cache, mask
-        else:
-            self._merge(cache, mask)
-        self.rows.extend(rows)
-        self._params = None
-        computed = sum(len(p) for p in prefixes) + len(rows)
-        return Admission(len(rows), computed, sum(len(r.prompt) for r in rows) - computed)
-
-    def _merge(self, cache: Any, mask: Any) -> None:
-        """Concatenate a prefilled cache onto the running one. Every new tensor is built before any
-        is assigned, so a failure (out of memory) leaves the running batch as it was."""
-        torch = self.torch
-        width = max(self.mask.shape[1], mask.shape[1])
-        ours, theirs = width - self.mask.shape[1], width - mask.shape[1]
-        updates: list[tuple[Any, str, Any, Any]] = []  # (holder, attribute, or "" and a dict key, tensor)
-        for mine, new in zip(self.cache.layers, cache.layers, strict=True):
-            if getattr(mine, "keys", None) is not None and mine.keys.numel():
-                for name in ("keys", "values"):
-                    merged = torch.cat([_left_pad(torch, getattr(mine, name), ours),
-                                        _left_pad(torch, getattr(new, name), theirs)])
-                    updates.append((mine, name, None, merged))
-            for states in ("conv_states", "recurrent_states"):
-                held, joining = getattr(mine, states, {}), getattr(new, states, {})
-                for i, tensor in held.items():
-                    if tensor is not None:
-                        updates.append((held, "", i, torch.cat([tensor, joining[i]])))
-        merged_mask = torch.cat([_left_pad(torch, self.mask, ours), _left_pad(torch, mask, theirs)])
-        for holder, name, key, tensor in updates:
-            if name:
-                setattr(holder, name, tensor)
-            else:
-                holder[key] = tensor
-        self.mask = merged_mask
+        return getattr(out, "cache", None) or out.past_key_values, mask
 
     # -- leaving ------------------------------------------------------------------------------
     def drop(self, leaving: set[int]) -> None:
@@ -154,13 +195,7 @@ class RunningBatch:
         index = self.torch.tensor(keep, dtype=self.torch.long, device=self.device)
         self.cache.reorder_cache(index)
         self.mask = self.mask.index_select(0, index)
-        spare = self.mask.shape[1] - max(row.cached for row in self.rows)
-        if spare > 0 and self.can_join:
-            for layer in self.cache.layers:
-                if getattr(layer, "keys", None) is not None and layer.keys.numel():
-                    layer.keys = layer.keys[..., spare:, :]
-                    layer.values = layer.values[..., spare:, :]
-            self.mask = self.mask[:, spare:]
+        self.mask = _trim(self.torch, self.cache, self.mask, bool(self.can_join))
 
     # -- decoding -----------------------------------------------------------------------------
     def step(self) -> list[int]:
@@ -238,6 +273,102 @@ class RunningBatch:
         return torch.where(p["greedy"], logits.argmax(dim=-1), order.gather(1, picked).squeeze(1))
 
 
+def _concat(torch: Any, cache: Any, mask: Any, other: Any, other_mask: Any, rows: Any = None) -> Any:
+    """Append ``other``'s rows (those at the ``rows`` index, or all) to ``cache`` in place,
+    left-padding the narrower to the common width, and return the concatenated mask. Every new
+    tensor is built before any is assigned, so a failure (out of memory) leaves ``cache`` as it was."""
+    if rows is not None:
+        other_mask = _trim(torch, None, other_mask.index_select(0, rows), True)
+
+    def pick(tensor: Any) -> Any:
+        tensor = tensor if rows is None else tensor.index_select(0, rows)
+        return tensor[..., tensor.shape[-2] - other_mask.shape[1]:, :] if tensor.dim() > 3 else tensor
+
+    width = max(mask.shape[1], other_mask.shape[1])
+    ours, theirs = width - mask.shape[1], width - other_mask.shape[1]
+    updates: list[tuple[Any, str, Any, Any]] = []  # (holder, attribute, or "" and a dict key, tensor)
+    for mine, new in zip(cache.layers, other.layers, strict=True):
+        if getattr(mine, "keys", None) is not None and mine.keys.numel():
+            for name in ("keys", "values"):
+                merged = torch.cat([_left_pad(torch, getattr(mine, name), ours),
+                                    _left_pad(torch, pick(getattr(new, name)), theirs)])
+                updates.append((mine, name, None, merged))
+        for states in ("conv_states", "recurrent_states"):
+            held, joining = getattr(mine, states, {}), getattr(new, states, {})
+            for i, tensor in held.items():
+                if tensor is not None:
+                    updates.append((held, "", i, torch.cat([tensor, pick(joining[i])])))
+    merged_mask = torch.cat([_left_pad(torch, mask, ours), _left_pad(torch, other_mask, theirs)])
+    for holder, name, key, tensor in updates:
+        if name:
+            setattr(holder, name, tensor)
+        else:
+            holder[key] = tensor
+    return merged_mask
+
+
+def _length_groups(prefixes: list[list[int]], slack: float = 1.25, most: int = 16384) -> list[list[int]]:
+    """Indices of ``prefixes`` grouped by length, one prefill per group.
+
+    One left-padded forward over prompts of very different lengths computes mostly padding (a
+    900-token prompt beside 100-token ones), so prompts are sorted by length and a group closes
+    when its padding would pass ``slack`` times its real tokens (or 16 tokens a row, for short
+    prompts), or when it would hold over ``most`` tokens, which bounds a prefill's activation
+    memory (a longer single prompt is a group of its own).
+    """
+    order = sorted(range(len(prefixes)), key=lambda i: -len(prefixes[i]))
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        size = len(prefixes[i])
+        if groups:
+            rows, width = len(groups[-1]) + 1, len(prefixes[groups[-1][0]])
+            if rows * width <= max(slack * (real + size), real + size + 16 * rows) and rows * width <= most:
+                groups[-1].append(i)
+                real += size
+                continue
+        groups.append([i])
+        real = size
+    return groups
+
+
+def _trim(torch: Any, cache: Any, mask: Any, allowed: bool) -> Any:
+    """Cut the left columns that no row needs (all padding) from ``mask`` and ``cache``."""
+    if not allowed or mask.shape[1] <= 1:
+        return mask
+    used = mask.any(dim=0).nonzero()
+    spare = int(used[0, 0]) if used.numel() else mask.shape[1] - 1
+    if spare <= 0:
+        return mask
+    if cache is not None:
+        for layer in cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys = layer.keys[..., spare:, :]
+                layer.values = layer.values[..., spare:, :]
+    return mask[:, spare:]
+
+
+def _select(cache: Any, index: Any) -> Any:
+    """A new cache holding ``cache``'s rows at ``index`` (``cache`` itself is left as it was)."""
+    chosen = copy.copy(cache)
+    chosen.layers = []
+    for layer in cache.layers:
+        clone = copy.copy(layer)
+        for attribute, value in vars(layer).items():  # no bookkeeping dict is shared between the two
+            if isinstance(value, dict):
+                setattr(clone, attribute, dict(value))
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if tensor is not None and tensor.numel():
+                setattr(clone, name, tensor.index_select(0, index))
+        for states in ("conv_states", "recurrent_states"):
+            held = getattr(layer, states, None)
+            if held is not None:
+                setattr(clone, states, {i: None if t is None else t.index_select(0, index) for i, t in held.items()})
+        chosen.layers.append(clone)
+    return chosen
+
+
 def _left_pad(torch: Any, tensor: Any, columns: int) -> Any:
     """Zero columns on the left of a ``[B, ..., S, D]`` cache tensor (or a ``[B, S]`` mask)."""
     if columns == 0:
@@ -248,8 +379,17 @@ def _left_pad(torch: Any, tensor: Any, columns: int) -> Any:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
 
 
+def _empty_cache(model: Any) -> Any:
+    from transformers.cache_utils import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except Exception:  # a config the cache cannot read: no guess
+        return None
+
+
 def _mergeable(cache: Any) -> bool:
-    """Whether every layer of ``cache`` has a layout ``_merge`` and the left trim understand."""
+    """Whether every layer of ``cache`` has a layout ``_concat`` and the left trim understand."""
     from transformers.cache_utils import (
         DynamicCache,
         DynamicLayer,

@@ -114,6 +114,8 @@ class TransformersBackend:
         tokenizer_object: Any = None,
         name: str | None = None,
     ) -> None:
+        if max_batch_size < 1:
+            raise BackendRequestError(f"max_batch_size: must be at least 1, got {max_batch_size}")
         torch = _import_torch()
         self._torch = torch
         self._device, platform = select_device(torch, device)
@@ -238,7 +240,7 @@ class TransformersBackend:
         batch = RunningBatch(self.model, self._torch, self._device, self._pad, self.prefix_sharing)
         waiting: collections.deque[_Item] = collections.deque()
         while True:
-            closing = self._collect(waiting, block=not batch.rows)
+            closing = self._collect(waiting, block=not (batch.rows or batch.staged))
             if closing or self._stopping.is_set():
                 self._fail(batch, waiting)
                 return
@@ -283,33 +285,48 @@ class TransformersBackend:
                 window_end = time.perf_counter() + self.batch_window
 
     def _admit(self, batch: RunningBatch, waiting: collections.deque[_Item]) -> None:
-        if not waiting or not batch.accepts_joins():
+        """Fill free slots: prefill waiting requests (ahead of need, so several share a forward
+        pass) and join staged rows to the running batch."""
+        free = self.max_batch_size - len(batch.rows)
+        if waiting and len(batch.staged) < free and batch.can_stage():
+            ahead = self.max_batch_size // 2 if batch.can_join else 0
+            self._stage(batch, waiting, free - len(batch.staged) + ahead)
+        running = bool(batch.rows)
+        try:
+            joined = batch.join(free)
+        except Exception as exc:  # out of memory merging: those rows fail, the running ones go on
+            error = BackendUnavailableError(f"local generation failed: {exc}")
+            for row in batch.discard_staged():
+                if not row.owner.future.done():
+                    row.owner.future.set_exception(error)
             return
-        joining: list[Row] = []
-        while waiting and len(batch.rows) + len(joining) < self.max_batch_size:
+        if joined:
+            self._stats.joins += running
+            self._stats.peak_rows = max(self._stats.peak_rows, batch.cache_rows())
+
+    def _stage(self, batch: RunningBatch, waiting: collections.deque[_Item], count: int) -> None:
+        rows: list[Row] = []
+        while waiting and len(rows) < count:
             item = waiting.popleft()
             if not item.future.set_running_or_notify_cancel():
                 continue  # cancelled while it waited: it never runs
             try:
-                joining.append(self._row(item))
+                rows.append(self._row(item))
             except Exception as exc:  # a prompt the tokenizer rejects fails that request only
                 item.future.set_exception(BackendRequestError(f"messages: {exc}"))
-        if not joining:
+        if not rows:
             return
-        running = bool(batch.rows)
         try:
-            admitted = batch.admit(joining)
+            staged = batch.stage(rows)
         except Exception as exc:
             error = BackendUnavailableError(f"local generation failed: {exc}")
-            for row in joining:
+            for row in rows:
                 row.owner.future.set_exception(error)
             return
         self._stats.batches += 1
-        self._stats.joins += running
-        self._stats.rows += admitted.rows
-        self._stats.prefill_tokens += admitted.computed
-        self._stats.prefill_tokens_saved += admitted.saved
-        self._stats.peak_rows = max(self._stats.peak_rows, batch.cache_rows())
+        self._stats.rows += staged.rows
+        self._stats.prefill_tokens += staged.computed
+        self._stats.prefill_tokens_saved += staged.saved
 
     def _row(self, item: _Item) -> Row:
         sampling = item.request.sampling
@@ -350,7 +367,7 @@ class TransformersBackend:
 
     def _fail(self, batch: RunningBatch, waiting: collections.deque[_Item]) -> None:
         closed = BackendUnavailableError("the local backend was closed")
-        for row in batch.rows:
+        for row in [*batch.rows, *batch.discard_staged()]:
             if not row.owner.future.done():
                 row.owner.future.set_exception(closed)
         batch.drop(set(range(len(batch.rows))))

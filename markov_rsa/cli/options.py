@@ -71,7 +71,9 @@ BackendKind = Annotated[
 Device = Annotated[str, typer.Option(help="Local backend device: auto, cpu, cuda (ROCm GPUs are cuda too).")]
 Dtype = Annotated[Literal["auto", "bfloat16", "float16", "float32"],
                   typer.Option(help="Local backend dtype: auto is bf16 on GPU, fp32 on CPU.")]
-MaxConcurrency = Annotated[int, typer.Option(help="Remote backend: most requests in flight at once.")]
+MaxConcurrency = Annotated[int | None, typer.Option(
+    min=1, help="Most requests in flight at once: remote, open requests (default 64); local, rows in the running "
+                "batch (default 16).")]
 Timeout = Annotated[float, typer.Option(
     help="Remote backend: seconds for the connect and the longest silence between streamed chunks (a generation "
          "may stream far longer).")]
