@@ -44,8 +44,8 @@ from markov_rsa.backends.transformers import TransformersBackend, select_device 
 
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.95)
 #: Sizes of the full run and of ``--tiny``.
-FULL = {"new": 128, "sizes": (1, 4, 16, 64), "beta": 256, "tau": 32, "rounds": (1, 2, 4), "chunk": 256,
-        "carry": 64, "chunks": (1, 2, 4), "prompt_words": 1500}
+FULL = {"new": 128, "sizes": (1, 4, 16, 64), "beta": 192, "tau": 24, "rounds": (1, 3), "chunk": 128,
+        "carry": 32, "chunks": (1, 2, 4), "prompt_words": 1500}
 TINY = {"new": 8, "sizes": (1, 4, 16), "beta": 16, "tau": 4, "rounds": (1, 2), "chunk": 8, "carry": 2,
         "chunks": (1, 2), "prompt_words": 60}
 
@@ -119,6 +119,8 @@ class Bench:
             self.results["skipped"].append(name)
         else:
             self.results[name] = run()
+            if self.left() < 0:
+                self.results["skipped"].append(f"the rest of {name}")
         self.write()
 
     # -- measurements -------------------------------------------------------------------------
@@ -137,8 +139,12 @@ class Bench:
         async def run() -> dict[str, Any]:
             await rate([self.request(4, 0)], True)  # warm-up
             alone = await rate([self.request(new, 1), self.request(new, 2)], False)
-            rows = [[n, round(batched := await rate([self.request(new, 10 + i) for i in range(n)], True), 1),
-                     round(alone, 1), round(batched / alone, 1)] for n in self.sizes["sizes"]]
+            rows = []
+            for n in self.sizes["sizes"]:
+                if self.left() < 0:
+                    break
+                batched = await rate([self.request(new, 10 + i) for i in range(n)], True)
+                rows.append([n, round(batched, 1), round(alone, 1), round(batched / alone, 1)])
             return {"new_tokens": new, "rows": rows}
 
         try:
@@ -162,6 +168,8 @@ class Bench:
         async def run() -> dict[str, Any]:
             rows = []
             for label, copies in (("4 rounds in flight", 4), ("one round alone", 1)):
+                if self.left() < 0:
+                    break
                 (r, kept), (e, _) = await rate(lengths * copies), await rate(equal * copies)
                 rows.append([label, round(r, 1), round(e, 1), round(r / e, 2), round(kept, 3)])
             return {"beta": self.sizes["beta"], "rows": rows}
@@ -195,19 +203,19 @@ class Bench:
         base = {"population": 4, "k": 2, "budget": s["beta"], "seed": 0, "temperature": 1.0, "top_p": 0.95}
         rounds = []
         for t in s["rounds"]:
-            rounds.append([t, *self.run_peak(RSAConfig(**base, rounds=t, tail=s["tau"])),
-                           *self.run_peak(RSAConfig(**base, rounds=t, tail=s["beta"]))])
             if self.left() < 0:
                 break
+            rounds.append([t, *self.run_peak(RSAConfig(**base, rounds=t, tail=s["tau"])),
+                           *self.run_peak(RSAConfig(**base, rounds=t, tail=s["beta"]))])
         chunks = []
         one = {"population": 1, "k": 1, "rounds": 0, "tail": s["tau"], "seed": 0, "temperature": 1.0}
         for c in s["chunks"]:
+            if self.left() < 0:
+                break
             total = s["chunk"] * c
             chunks.append([c, total, *self.run_peak(RSAConfig(**one, budget=total, chunk_size=s["chunk"],
                                                               carryover=s["carry"], max_chunks=c)),
                            *self.run_peak(RSAConfig(**one, budget=total))])
-            if self.left() < 0:
-                break
         return {"beta": s["beta"], "tau": s["tau"], "chunk": s["chunk"], "carry": s["carry"], "rounds": rounds,
                 "chunks": chunks}
 

@@ -25,7 +25,7 @@ from markov_rsa import GenerationRequest, RSAConfig, SamplingParams
 
 N = 16
 BETA = 96
-ROUNDS_IN_FLIGHT = 8
+ROUNDS_IN_FLIGHT = 16
 PROBLEMS = 4
 SUBJECTS = ("a lighthouse keeper", "a river pilot", "a glassblower", "a mountain guide", "a night-train conductor",
             "a beekeeper", "a cartographer", "a clockmaker")
@@ -115,10 +115,11 @@ def markdown(result: dict[str, Any], table: Any) -> list[str]:
                "ragged / equal", "kept"], result["rows"]),
         "Reading: with rounds waiting, a row that ends is replaced at the next step (from requests prefilled a "
         "few at a time, ahead of need), so the batch stays full until the work runs out; what is left of the "
-        "gap is that last tail and the joins' prefills. A round alone can only shrink as its rows end: no "
-        "padding is computed, but on this CPU a step of few rows costs nearly what a step of 16 does, so "
-        "its ratio stays near the share of row-slots in use (before rows could leave, 16 rows over 16-160 "
-        "tokens measured 0.55×).",
+        "gap is that last tail (about β/2 steps once per workload, so its share falls as more rounds wait: "
+        "an evaluation keeps many problems in flight) and the joins' prefills. A round alone can only shrink "
+        "as its rows end: no padding is computed, but on this CPU a step of few rows costs nearly what a step "
+        "of 16 does, so its ratio stays near the share of row-slots in use (before rows could leave, 16 rows "
+        "over 16-160 tokens measured 0.55×).",
         f"`rsa eval` (AIME 2025, N=4 K=2 T=1, β=48): **{result['eval_several']:.1f}** generated tok/s with "
         f"{result['problems']} problems at once against {result['eval_one']:.1f} one problem at a time "
         f"(**{result['eval_several'] / result['eval_one']:.1f}×**): the problems' rounds share the batch. The "

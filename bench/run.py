@@ -396,8 +396,9 @@ def write_markdown(results: dict[str, Any]) -> str:
     seconds = sum(results.get("seconds", {}).values())
     parts = [
         "# Benchmarks",
-        "Produced by `make bench` (`python -m bench.run`) in one run; every figure is a ratio of measurements "
-        "taken side by side in that run. Re-run it to reproduce; absolute times vary with the machine.",
+        "Produced by `make bench` (`python -m bench.run`; `--only SECTION` re-runs one section and keeps the "
+        "others); every figure is a ratio of measurements taken side by side in one section's run. Re-run it "
+        "to reproduce; absolute times vary with the machine.",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{platform.system()}; no GPU. All sections: {seconds / 60:.1f} min.",
     ]

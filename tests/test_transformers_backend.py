@@ -306,3 +306,28 @@ async def test_requests_beyond_the_batch_wait_prefilled_and_keep_their_tokens(ti
     assert [r.token_ids for n, r in enumerate(results) if n != 4] == [t for n, t in enumerate(alone) if n != 4]
     assert stats.peak_rows == 2 and stats.batches - before.batches < len(PROMPTS), "prefilled several at once"
     assert stats.joins - before.joins >= 2
+
+
+async def test_staggered_sampled_rows_with_stops_keep_their_tokens(tiny_zaya, tokenizer):
+    """Seeded sampling and stop strings are per row: joining a busy batch changes neither."""
+    backend = TransformersBackend(model_object=tiny_zaya, tokenizer_object=tokenizer, device="cpu", max_batch_size=3)
+
+    def sampled(i: int, stop: tuple[str, ...] = ()) -> GenerationRequest:
+        return req(PROMPTS[i], LENGTHS[i], SamplingParams(temperature=0.9, top_p=0.9, top_k=40, seed=7 + i, stop=stop))
+
+    try:
+        free = (await backend.generate(sampled(0))).text
+        stop = (free[len(free) // 2: len(free) // 2 + 3],)
+        requests = [sampled(0, stop), *(sampled(i) for i in range(1, len(PROMPTS)))]
+        alone = [await backend.generate(r) for r in requests]
+
+        async def later(i: int):
+            await asyncio.sleep(0.01 * i)
+            return await backend.generate(requests[i])
+
+        together = await asyncio.gather(*(later(i) for i in range(len(requests))))
+    finally:
+        backend.close()
+    assert alone[0].finish_reason == "stop" and stop[0] not in alone[0].text
+    assert [(g.token_ids, g.text, g.finish_reason) for g in together] == \
+        [(g.token_ids, g.text, g.finish_reason) for g in alone]
