@@ -240,7 +240,8 @@ class TransformersBackend:
         batch = RunningBatch(self.model, self._torch, self._device, self._pad, self.prefix_sharing)
         waiting: collections.deque[_Item] = collections.deque()
         while True:
-            closing = self._collect(waiting, block=not (batch.rows or batch.staged))
+            idle = not (batch.rows or batch.staged)
+            closing = self._collect(waiting, block=idle, window=idle or len(batch.rows) < self.max_batch_size)
             if closing or self._stopping.is_set():
                 self._fail(batch, waiting)
                 return
@@ -261,11 +262,12 @@ class TransformersBackend:
             if not batch.rows:
                 self._stats.cache_rows = self._stats.cache_bytes = 0
 
-    def _collect(self, waiting: collections.deque[_Item], *, block: bool) -> bool:
+    def _collect(self, waiting: collections.deque[_Item], *, block: bool, window: bool) -> bool:
         """Move queued requests to ``waiting``; True once close() was called.
 
-        An idle worker blocks for the first request; whenever something arrives it waits up to
-        ``batch_window`` for the rest of its round, so the round is prefilled (and shared) at once.
+        An idle worker blocks for the first request. Where there is room for them (``window``),
+        whenever something arrives it waits up to ``batch_window`` for the rest of its round, so the
+        round is prefilled (and shared) at once; a full batch does not wait for requests it cannot take.
         """
         window_end: float | None = None
         while True:
@@ -281,7 +283,7 @@ class TransformersBackend:
             if item is None:
                 return True
             waiting.append(item)
-            if window_end is None:
+            if window_end is None and window:
                 window_end = time.perf_counter() + self.batch_window
 
     def _admit(self, batch: RunningBatch, waiting: collections.deque[_Item]) -> None:
