@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.ragged import ragged_lengths  # noqa: E402
+from bench.tables import md_table  # noqa: E402
 from markov_rsa import GenerationRequest, MarkovianRSA, RSAConfig, SamplingParams  # noqa: E402
 from markov_rsa.backends.transformers import TransformersBackend, select_device  # noqa: E402
 
@@ -250,33 +251,27 @@ class Bench:
         (self.out / "results.md").write_text(markdown(self.results), encoding="utf-8")
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join("-" if v is None else str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def markdown(r: dict[str, Any]) -> str:
     parts = [f"Model: {r['model']}. Device: {r.get('gpu', r['device'])}. Whole run: {r['seconds']} s."]
     if "throughput" in r:
         parts += [f"Generated tokens/s, {r['throughput']['new_tokens']} sampled tokens per row, batched against "
                   "one request at a time:",
-                  _table(["N", "batched tok/s", "one at a time tok/s", "ratio"], r["throughput"]["rows"])]
+                  md_table(["N", "batched tok/s", "one at a time tok/s", "ratio"], r["throughput"]["rows"])]
     if "ragged" in r:
         parts += [f"Ragged rows (10-100% of β={r['ragged']['beta']}) against equal-length rows of the same total, "
-                  "N=16:", _table(["workload", "ragged tok/s", "equal tok/s", "ratio", "kept row-steps"],
+                  "N=16:", md_table(["workload", "ragged tok/s", "equal tok/s", "ratio", "kept row-steps"],
                                   r["ragged"]["rows"])]
     if "prefix" in r:
         parts += ["Round 0 of N=16 on one long prompt (4 new tokens each), its prefill shared against not:",
-                  _table(["prefill", "prompt tokens computed", "saved", "wall s", "peak GPU MiB above weights"],
+                  md_table(["prefill", "prompt tokens computed", "saved", "wall s", "peak GPU MiB above weights"],
                          r["prefix"]["rows"])]
     if "memory" in r:
         m = r["memory"]
         parts += [f"Peak memory against T, N=4 K=2 β={m['beta']}: Markovian (τ={m['tau']}) against full-chain "
                   f"(τ=β). KV = the backend's peak cache; GPU = allocator peak above the weights (MiB).",
-                  _table(["T", "Markovian KV", "Markovian GPU", "full-chain KV", "full-chain GPU"], m["rounds"]),
+                  md_table(["T", "Markovian KV", "Markovian GPU", "full-chain KV", "full-chain GPU"], m["rounds"]),
                   f"One rollout in chunks (C={m['chunk']}, m={m['carry']}) against one generation of the same length:",
-                  _table(["chunks", "tokens", "chunked KV", "chunked GPU", "single KV", "single GPU"], m["chunks"])]
+                  md_table(["chunks", "tokens", "chunked KV", "chunked GPU", "single KV", "single GPU"], m["chunks"])]
     if r["skipped"]:
         parts.append(f"Skipped for time: {', '.join(r['skipped'])}.")
     return "\n\n".join(parts) + "\n"

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.tables import md_table
 from markov_rsa import GenerationRequest, RSAConfig, SamplingParams
 
 N = 16
@@ -103,7 +104,7 @@ def _eval_rates(backend: Any, datasets: Path) -> tuple[float, float]:
     return asyncio.run(both())
 
 
-def markdown(result: dict[str, Any], table: Any) -> list[str]:
+def markdown(result: dict[str, Any]) -> list[str]:
     return [
         "### Ragged rounds",
         f"Sampled rollouts whose lengths are spread evenly over 10-100% of β={result['beta']} "
@@ -111,7 +112,7 @@ def markdown(result: dict[str, Any], table: Any) -> list[str]:
         f"total), distinct prompts, N=16 rows at most in the batch. Rows leave the batch when they end and "
         f"waiting requests join it. Target: ragged ≥ 0.9× equal-length where work is waiting. *kept* is the "
         f"share of row-steps whose token a completion kept (the others computed each row's end-of-text token).",
-        table(["workload", "requests", "ragged tokens", "ragged tok/s", "equal tokens", "equal tok/s",
+        md_table(["workload", "requests", "ragged tokens", "ragged tok/s", "equal tokens", "equal tok/s",
                "ragged / equal", "kept"], result["rows"]),
         "Reading: with rounds waiting, a row that ends is replaced at the next step (from requests prefilled a "
         "few at a time, ahead of need), so the batch stays full until the work runs out; what is left of the "

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 
 from bench import ragged  # noqa: E402
+from bench.tables import md_table  # noqa: E402
 from markov_rsa import MarkovianRSA, RSAConfig  # noqa: E402
 from markov_rsa.backends.openai import OpenAIBackend  # noqa: E402
 from markov_rsa.rsa.engine import derive_seed  # noqa: E402
@@ -67,12 +68,6 @@ def delay_server(default: float, table: dict[int, float] | None = None) -> Itera
             yield url
     finally:
         os.unlink(handle.name)
-
-
-def md_table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # -- 1. engine overhead ------------------------------------------------------------------------------
@@ -443,7 +438,7 @@ def write_markdown(results: dict[str, Any]) -> str:
             "![throughput](bench/figures/local_throughput.png)",
         ]
     if "ragged" in results:
-        parts += ragged.markdown(results["ragged"], md_table)
+        parts += ragged.markdown(results["ragged"])
     if "memory" in results:
         mem = results["memory"]
         parts += [

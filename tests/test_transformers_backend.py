@@ -197,14 +197,25 @@ PROMPTS = [
 LENGTHS = [48, 9, 30, 5, 22, 40]
 
 
-async def staggered(backend, gap: float) -> list[tuple[int, ...]]:
-    """The requests of PROMPTS/LENGTHS, each sent ``gap`` seconds after the previous one."""
+ROWS = [req(p, n) for p, n in zip(PROMPTS, LENGTHS, strict=True)]
+
+
+def ids(generations) -> list[tuple[int, ...]]:
+    return [g.token_ids for g in generations]
+
+
+async def one_at_a_time(backend, requests=ROWS) -> list:
+    return [await backend.generate(r) for r in requests]
+
+
+async def staggered(backend, gap: float, requests=ROWS) -> list:
+    """``requests``, each sent ``gap`` seconds after the previous one, all in flight together."""
 
     async def later(i: int):
         await asyncio.sleep(gap * i)
-        return await backend.generate(req(PROMPTS[i], LENGTHS[i]))
+        return await backend.generate(requests[i])
 
-    return [g.token_ids for g in await asyncio.gather(*(later(i) for i in range(len(PROMPTS))))]
+    return await asyncio.gather(*(later(i) for i in range(len(requests))))
 
 
 @pytest.mark.parametrize("name", ["smol_model", "tiny_zaya", "tiny_qwen_moe"])
@@ -217,10 +228,10 @@ async def test_staggered_arrivals_and_departures_equal_one_at_a_time(name, reque
     model = request.getfixturevalue(name)
     backend = TransformersBackend(model_object=model, tokenizer_object=tokenizer, device="cpu", max_batch_size=3)
     try:
-        alone = [(await backend.generate(req(p, n))).token_ids for p, n in zip(PROMPTS, LENGTHS, strict=True)]
+        alone = ids(await one_at_a_time(backend))
         before = backend.stats
         gap = 0.15 if name == "smol_model" else 0.01
-        together = await staggered(backend, gap)
+        together = ids(await staggered(backend, gap))
         stats = backend.stats
     finally:
         backend.close()
@@ -280,8 +291,8 @@ async def test_sliding_window_models_drop_rows_but_join_only_an_empty_batch(toke
     model = Qwen3ForCausalLM(config).eval()
     backend = TransformersBackend(model_object=model, tokenizer_object=tokenizer, device="cpu", max_batch_size=3)
     try:
-        alone = [(await backend.generate(req(p, n))).token_ids for p, n in zip(PROMPTS, LENGTHS, strict=True)]
-        together = await staggered(backend, 0.01)
+        alone = ids(await one_at_a_time(backend))
+        together = ids(await staggered(backend, 0.01))
     finally:
         backend.close()
     assert together == alone
@@ -293,9 +304,9 @@ async def test_requests_beyond_the_batch_wait_prefilled_and_keep_their_tokens(ti
     cancelled while it waits; every other one gets the tokens it gets alone (CCA state included)."""
     backend = TransformersBackend(model_object=tiny_zaya, tokenizer_object=tokenizer, device="cpu", max_batch_size=2)
     try:
-        alone = [(await backend.generate(req(p, n))).token_ids for p, n in zip(PROMPTS, LENGTHS, strict=True)]
+        alone = ids(await one_at_a_time(backend))
         before = backend.stats
-        tasks = [asyncio.create_task(backend.generate(req(p, n))) for p, n in zip(PROMPTS, LENGTHS, strict=True)]
+        tasks = [asyncio.create_task(backend.generate(r)) for r in ROWS]
         await asyncio.sleep(0.005)
         tasks[4].cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -319,13 +330,8 @@ async def test_staggered_sampled_rows_with_stops_keep_their_tokens(tiny_zaya, to
         free = (await backend.generate(sampled(0))).text
         stop = (free[len(free) // 2: len(free) // 2 + 3],)
         requests = [sampled(0, stop), *(sampled(i) for i in range(1, len(PROMPTS)))]
-        alone = [await backend.generate(r) for r in requests]
-
-        async def later(i: int):
-            await asyncio.sleep(0.01 * i)
-            return await backend.generate(requests[i])
-
-        together = await asyncio.gather(*(later(i) for i in range(len(requests))))
+        alone = await one_at_a_time(backend, requests)
+        together = await staggered(backend, 0.01, requests)
     finally:
         backend.close()
     assert alone[0].finish_reason == "stop" and stop[0] not in alone[0].text

@@ -221,7 +221,7 @@ class RunningBatch:
         if self.mask is None:
             return 0
         for layer in self.cache.layers:
-            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            if _holds_kv(layer):
                 return int(layer.keys.shape[0])
         return int(self.mask.shape[0])
 
@@ -288,7 +288,7 @@ def _concat(torch: Any, cache: Any, mask: Any, other: Any, other_mask: Any, rows
     ours, theirs = width - mask.shape[1], width - other_mask.shape[1]
     updates: list[tuple[Any, str, Any, Any]] = []  # (holder, attribute, or "" and a dict key, tensor)
     for mine, new in zip(cache.layers, other.layers, strict=True):
-        if getattr(mine, "keys", None) is not None and mine.keys.numel():
+        if _holds_kv(mine):
             for name in ("keys", "values"):
                 merged = torch.cat([_left_pad(torch, getattr(mine, name), ours),
                                     _left_pad(torch, pick(getattr(new, name)), theirs)])
@@ -342,7 +342,7 @@ def _trim(torch: Any, cache: Any, mask: Any, allowed: bool) -> Any:
         return mask
     if cache is not None:
         for layer in cache.layers:
-            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            if _holds_kv(layer):
                 layer.keys = layer.keys[..., spare:, :]
                 layer.values = layer.values[..., spare:, :]
     return mask[:, spare:]
@@ -367,6 +367,11 @@ def _select(cache: Any, index: Any) -> Any:
                 setattr(clone, states, {i: None if t is None else t.index_select(0, index) for i, t in held.items()})
         chosen.layers.append(clone)
     return chosen
+
+
+def _holds_kv(layer: Any) -> bool:
+    """Whether a cache layer holds attention keys/values (``[B, H, S, D]``), not only per-row state."""
+    return getattr(layer, "keys", None) is not None and bool(layer.keys.numel())
 
 
 def _left_pad(torch: Any, tensor: Any, columns: int) -> Any:

@@ -72,13 +72,13 @@ class _Item:
 class BatchStats:
     """Counters for benchmarks and tests: how work was batched, shared and kept.
 
-    ``batches`` counts prefills (a group of requests joining the batch together), ``joins`` those
-    that joined rows already running; ``row_steps``
-    counts rows fed to decode steps, ``kept_tokens`` the tokens of the completions returned
-    (an end-of-text token, text past a stop string and cancelled rows are not kept), so
-    ``kept_tokens / row_steps`` is the share of decode work that was not wasted.
-    ``cache_rows``/``cache_bytes`` are read from the cache tensors after the latest step and
-    ``peak_rows``/``peak_cache_bytes`` their maxima: the batch never holds more than ``max_batch_size`` rows.
+    ``batches`` counts prefills (a group of requests prefilled together) and ``joins`` the times
+    rows joined a batch already running. ``row_steps`` counts rows fed to decode steps and
+    ``kept_tokens`` the tokens of the completions returned (an end-of-text token, text past a stop
+    string and cancelled rows are not kept), so ``kept_tokens / row_steps`` is the share of decode
+    work that was not wasted. ``cache_rows``/``cache_bytes`` are read from the cache tensors after
+    the latest step, and ``peak_rows``/``peak_cache_bytes`` are their maxima over the steps run:
+    the batch never holds more than ``max_batch_size`` rows.
     The worker updates its own instance; ``TransformersBackend.stats`` hands out copies.
     """
 
@@ -94,6 +94,13 @@ class BatchStats:
     cache_bytes: int = 0
     peak_rows: int = 0
     peak_cache_bytes: int = 0
+
+
+def _fail_rows(rows: Sequence[Row], error: Exception) -> None:
+    """Fail the requests of ``rows`` that are still waiting for a result."""
+    for row in rows:
+        if not row.owner.future.done():
+            row.owner.future.set_exception(error)
 
 
 class TransformersBackend:
@@ -254,10 +261,7 @@ class TransformersBackend:
                         self._stats.row_steps += len(batch.rows)
                         self._finish_rows(batch)
             except Exception as exc:  # one failed step fails its rows, never the worker
-                error = BackendUnavailableError(f"local generation failed: {exc}")
-                for row in batch.rows:
-                    if not row.owner.future.done():
-                        row.owner.future.set_exception(error)
+                _fail_rows(batch.rows, BackendUnavailableError(f"local generation failed: {exc}"))
                 batch.drop(set(range(len(batch.rows))))
             if not batch.rows:
                 self._stats.cache_rows = self._stats.cache_bytes = 0
@@ -297,14 +301,10 @@ class TransformersBackend:
         try:
             joined = batch.join(free)
         except Exception as exc:  # out of memory merging: those rows fail, the running ones go on
-            error = BackendUnavailableError(f"local generation failed: {exc}")
-            for row in batch.discard_staged():
-                if not row.owner.future.done():
-                    row.owner.future.set_exception(error)
+            _fail_rows(batch.discard_staged(), BackendUnavailableError(f"local generation failed: {exc}"))
             return
-        if joined:
-            self._stats.joins += running
-            self._stats.peak_rows = max(self._stats.peak_rows, batch.cache_rows())
+        if joined and running:
+            self._stats.joins += 1
 
     def _stage(self, batch: RunningBatch, waiting: collections.deque[_Item], count: int) -> None:
         rows: list[Row] = []
@@ -321,9 +321,7 @@ class TransformersBackend:
         try:
             staged = batch.stage(rows)
         except Exception as exc:
-            error = BackendUnavailableError(f"local generation failed: {exc}")
-            for row in rows:
-                row.owner.future.set_exception(error)
+            _fail_rows(rows, BackendUnavailableError(f"local generation failed: {exc}"))
             return
         self._stats.batches += 1
         self._stats.rows += staged.rows
@@ -341,17 +339,17 @@ class TransformersBackend:
         """Drop finished rows, update the counters, then resolve their futures (in that order, so
         a caller woken by its result sees counters that already include it)."""
         finished = [(n, row) for n, row in enumerate(batch.rows) if self._done(row)]
-        held = batch.cache_bytes()
+        held_rows, held_bytes = batch.cache_rows(), batch.cache_bytes()  # what this step ran with
         if finished:
             batch.drop({n for n, _ in finished})
         now = time.perf_counter()
         results = [(row, self._generation(row, now - row.owner.enqueued, self._opens_think(row.prompt)))
                    for _, row in finished if not row.owner.cancelled]
         self._stats.kept_tokens += sum(generation.completion_tokens for _, generation in results)
-        self._stats.cache_rows = batch.cache_rows()
-        self._stats.cache_bytes = batch.cache_bytes()
-        self._stats.peak_rows = max(self._stats.peak_rows, self._stats.cache_rows)
-        self._stats.peak_cache_bytes = max(self._stats.peak_cache_bytes, held)
+        self._stats.cache_rows, self._stats.cache_bytes = (
+            (batch.cache_rows(), batch.cache_bytes()) if finished else (held_rows, held_bytes))
+        self._stats.peak_rows = max(self._stats.peak_rows, held_rows)
+        self._stats.peak_cache_bytes = max(self._stats.peak_cache_bytes, held_bytes)
         for row, generation in results:
             if not row.owner.future.done():
                 row.owner.future.set_result(generation)
@@ -368,10 +366,7 @@ class TransformersBackend:
         return False
 
     def _fail(self, batch: RunningBatch, waiting: collections.deque[_Item]) -> None:
-        closed = BackendUnavailableError("the local backend was closed")
-        for row in [*batch.rows, *batch.discard_staged()]:
-            if not row.owner.future.done():
-                row.owner.future.set_exception(closed)
+        _fail_rows([*batch.rows, *batch.discard_staged()], BackendUnavailableError("the local backend was closed"))
         batch.drop(set(range(len(batch.rows))))
         self._fail_queued(list(waiting))
 
