@@ -29,6 +29,12 @@ class MissingDependencyError(MarkovRSAError, ImportError):
     exit_code = 2
 
 
+class DatasetUnavailableError(MarkovRSAError):
+    """A benchmark set could not be fetched (offline, no cached copy); the message says how to use a local copy."""
+
+    exit_code = 2
+
+
 class BackendError(MarkovRSAError):
     """A backend could not produce a generation."""
 

@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -38,16 +39,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until_up(url: str, *, timeout: float = 120.0, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_until_up(url: str, *, timeout: float = 120.0, process: subprocess.Popen[bytes] | None = None,
+                  log: Path | None = None) -> None:
+    """Poll ``url`` until it answers; a server process that exits first fails with its last stderr lines."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
+            raise RuntimeError(f"server exited with {process.returncode}{stderr_tail(log)}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=2).status_code < 500:
                 return
         time.sleep(0.1)
-    raise TimeoutError(f"{url} did not come up in {timeout}s")
+    raise TimeoutError(f"{url} did not come up in {timeout}s{stderr_tail(log)}")
+
+
+def stderr_tail(log: Path | None, lines: int = 20) -> str:
+    """The last lines a server wrote to its log file, for an error message ('' without one)."""
+    if log is None or not log.is_file():
+        return ""
+    tail = log.read_text(errors="replace").splitlines()[-lines:]
+    return "; its last stderr lines:\n" + "\n".join(tail) if tail else "; it wrote nothing to stderr"
 
 
 def llama_server_binary() -> str:
@@ -66,22 +77,34 @@ def llama_server_binary() -> str:
 
 @contextlib.contextmanager
 def llama_server(gguf: str, *, n_ctx: int = 4096, slots: int = 4) -> Iterator[str]:
-    """llama.cpp's own server (llama-server) on a free loopback port; yields its /v1 URL."""
+    """llama.cpp's own server (llama-server) on a free loopback port; yields its /v1 URL.
+
+    Weight repacking is off: llama.cpp's repacked (AMX/AVX-512) CPU kernels crash on some virtualised
+    CPUs, and the tests are about the server's API, not its kernels. A server that dies, before or
+    after it came up, fails the test with its last stderr lines."""
     port = free_port()
-    process = subprocess.Popen(
-        [llama_server_binary(), "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-c", str(n_ctx * slots),
-         "-np", str(slots), "-t", "2", "--no-webui", "--metrics"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/v1/models", process=process)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
+    with tempfile.TemporaryDirectory(prefix="llama-server-") as folder:
+        log = Path(folder) / "stderr.log"
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                [llama_server_binary(), "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
+                 "-c", str(n_ctx * slots), "-np", str(slots), "-t", "2", "--no-webui", "--metrics",
+                 "--no-repack"],
+                stdout=subprocess.DEVNULL, stderr=sink, env={**os.environ, "LLAMA_ARG_REPACK": "0"},
+            )
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            wait_until_up(f"http://127.0.0.1:{port}/v1/models", process=process, log=log)
+            yield f"http://127.0.0.1:{port}/v1"
+            if process.poll() is not None:
+                raise RuntimeError(f"llama-server died during the test (exit {process.returncode})"
+                                   f"{stderr_tail(log)}")
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 @contextlib.contextmanager

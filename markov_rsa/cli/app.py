@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 try:  # recent typer vendors click
     from typer._click import exceptions as click_errors
@@ -23,6 +24,7 @@ from markov_rsa.cli import options as o
 from markov_rsa.cli.logs import LogFile, LogLevel, setup_logging
 from markov_rsa.errors import ConfigError, MarkovRSAError
 from markov_rsa.evals.benchmarks import BENCHMARKS, benchmark
+from markov_rsa.extras import missing_extra
 from markov_rsa.rsa.config import TaskName
 
 app = typer.Typer(
@@ -53,13 +55,26 @@ def root(
     """Markovian RSA: solve problems, run benchmarks, render reports, serve an OpenAI-compatible endpoint."""
 
 
+def print_error(message: object) -> None:
+    """One ``error:`` line on stderr; the message is printed as text (a path or a value the user typed may
+    hold ``[...]``, which rich would otherwise read as markup, eat or fail on)."""
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
 def run_cli(body: Callable[[], T]) -> T:
-    """Run a command body; library errors become one line on stderr with the error's exit code."""
+    """Run a command body; library errors, and an optional package that is not installed, become one line
+    on stderr with the error's exit code."""
     try:
         return body()
     except MarkovRSAError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        print_error(exc)
         raise typer.Exit(exc.exit_code) from None
+    except ModuleNotFoundError as exc:
+        missing = missing_extra(exc)
+        if missing is None:
+            raise
+        print_error(missing)
+        raise typer.Exit(missing.exit_code) from None
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
         raise typer.Exit(130) from None
@@ -219,7 +234,7 @@ def report(
         from markov_rsa.evals.report import write_report
 
         md, page = write_report(list(runs), out)
-        Console(stderr=True).print(f"wrote {md} and {page}", highlight=False)
+        Console(stderr=True).print(f"wrote {md} and {page}", highlight=False, markup=False)
 
     run_cli(body)
 
@@ -299,7 +314,7 @@ def serve(
                                   limits=ServerLimits(max_concurrent_runs=max_concurrent_runs))
         Console(stderr=True).print(
             f"serving {settings.model_name} on http://{host}:{port}/v1 (preset {config.preset}"
-            f"{', bearer token required' if key else ''})", highlight=False, soft_wrap=True)
+            f"{', bearer token required' if key else ''})", highlight=False, soft_wrap=True, markup=False)
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
 
     run_cli(body)
@@ -315,7 +330,7 @@ def main() -> None:
         raise SystemExit(2) from None
     except click_errors.UsageError as exc:
         message = re.sub(r"Invalid value for '([^']+)': (Value error, )?", r"\1: ", exc.format_message())
-        Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        print_error(message)
         raise SystemExit(2) from None
     except (typer.Abort, KeyboardInterrupt):
         Console(stderr=True).print("interrupted")

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from markov_rsa.backends.base import Backend
@@ -51,8 +52,8 @@ def run_evaluation(task: str, config: RSAConfig, backend: Backend, problems: lis
 
         progress = asyncio.run(go())
     for failure in progress.failed:
-        console.print(f"[red]failed[/] {failure}", highlight=False, soft_wrap=True)
+        console.print(f"[red]failed[/] {escape(str(failure))}", highlight=False, soft_wrap=True)
     rows = results_table([load_run(out)])
     for header, value in zip(rows[0], rows[1], strict=True):
-        console.print(f"{header:>16}: {value}", highlight=False)
+        console.print(f"{header:>16}: {value}", highlight=False, markup=False)
     return 1 if progress.failed else 0

@@ -6,7 +6,9 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from markov_rsa.rsa.answers import normalize_answer
 from markov_rsa.rsa.events import CandidateFinished, Event, RoundFinished, RoundProgress, RoundStarted, RunFinished
@@ -31,7 +33,7 @@ async def follow(events: AsyncIterator[Event], console: Console, *, quiet: bool 
                 status.update(f"{label}: {event.finished}/{total} candidates, {event.tokens:,} tokens so far")
             elif isinstance(event, RoundFinished) and not quiet:
                 console.print(
-                    f"{label}: majority {event.majority!r} ({event.agreement:.0%} agree), "
+                    f"{label}: majority {escape(repr(event.majority))} ({event.agreement:.0%} agree), "
                     f"{event.usage.completion_tokens} tokens, {event.seconds:.1f}s"
                     + (f", {event.failed} failed" if event.failed else "")
                 )
@@ -41,10 +43,10 @@ async def follow(events: AsyncIterator[Event], console: Console, *, quiet: bool 
     return result
 
 
-def _answers_cell(answers: list[str | None], width: int = 48) -> str:
+def _answers_cell(answers: list[str | None], width: int = 48) -> Text:
     counts = Counter((normalize_answer(a) or '""') if a is not None else "—" for a in answers)
     text = "  ".join(f"{a}×{n}" if n > 1 else a for a, n in counts.most_common())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return Text(text if len(text) <= width else text[: width - 1] + "…")  # model text, never markup
 
 
 def round_table(result: RSAResult) -> Table:

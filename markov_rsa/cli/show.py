@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from markov_rsa.errors import ConfigError
@@ -18,7 +19,7 @@ def _short(text: str | None, width: int) -> str:
     if text is None:
         return "—"
     flat = " ".join(text.split())
-    return flat if len(flat) <= width else "…" + flat[-(width - 1):]
+    return escape(flat if len(flat) <= width else "…" + flat[-(width - 1):])  # model text, never markup
 
 
 def show_run(path: Path, problem: str | None, console: Console) -> None:
@@ -40,7 +41,8 @@ def show_run(path: Path, problem: str | None, console: Console) -> None:
         raise ConfigError("problem", f"{problem!r} is not in {path}; problems include {known}")
     candidates = read_candidates(path / CANDIDATES_FILE, {r.attempt for r in chosen})
     for record in chosen:
-        console.print(f"[bold]{problem}[/] repeat {record.repeat}: gold {record.gold!r}, answer {record.answer!r} "
+        console.print(f"[bold]{escape(problem)}[/] repeat {record.repeat}: gold {escape(repr(record.gold))}, "
+                      f"answer {escape(repr(record.answer))} "
                       f"({'correct' if record.correct else 'wrong'}; {record.selection}, {record.stop_reason})",
                       highlight=False)
         mine = [c for c in candidates if c.attempt == record.attempt]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from markov_rsa.errors import ConfigError, MissingDependencyError
+from markov_rsa.errors import ConfigError, DatasetUnavailableError, MissingDependencyError
 
 TestType = Literal["stdin", "functional"]
 
@@ -107,7 +107,13 @@ def _hub_rows(repo_id: str, patterns: list[str], revision: str | None = None) ->
             "loading benchmark sets from the Hugging Face Hub needs huggingface-hub and pyarrow: "
             "pip install 'markov-rsa[hub]', or pass --data-dir with local JSONL copies"
         ) from None
-    local = Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=patterns, revision=revision))
+    try:
+        local = Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=patterns, revision=revision))
+    except Exception as exc:  # offline, no cached copy, a proxy, a gated or moved set: all mean "not fetched"
+        raise DatasetUnavailableError(
+            f"could not fetch {repo_id} from the Hugging Face Hub ({type(exc).__name__}); check the network, "
+            "or point --data-dir (or MARKOV_RSA_DATA_DIR) at local JSONL copies"
+        ) from None
     rows: list[dict[str, Any]] = []
     # The snapshot folder can hold more than was asked for (files cached earlier), so filter again.
     wanted = [p for p in sorted(local.rglob("*")) if any(fnmatch.fnmatch(p.relative_to(local).as_posix(), pat)
