@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from markov_rsa.evals.datasets import lcb_problem, load_lcb
-from markov_rsa.evals.grading.code import CodeGrader
 from markov_rsa.evals.grading import sandbox as sandbox_module
+from markov_rsa.evals.grading.code import CodeGrader
 from markov_rsa.evals.grading.sandbox import Sandbox, SandboxLimits, SandboxUnavailableError
 from tests.conftest import DATASETS, ROOT
 from tests.servers import FaultServer, serve_app

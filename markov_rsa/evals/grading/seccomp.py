@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import socket
 import tempfile
+from typing import Any
 
 #: Denied outright (EPERM): name -> why a contest program never needs it.
 DENIED: dict[str, str] = {
@@ -52,33 +53,46 @@ class SeccompUnavailableError(Exception):
     """The filter cannot be built here (no libseccomp); the message says why, in one line."""
 
 
-def program_filter() -> bytes:
-    """The filter as BPF, ready for ``bwrap --seccomp``."""
+def _build() -> Any:
     try:
         import pyseccomp as sc
     except (ImportError, RuntimeError, OSError) as exc:  # pyseccomp raises RuntimeError without libseccomp
         raise SeccompUnavailableError(f"no seccomp filter: {exc} (install libseccomp2 and pyseccomp)") from None
+    rules = sc.SyscallFilter(sc.ALLOW)
+    eperm = sc.ERRNO(errno.EPERM)
+    for name in DENIED:
+        if sc.resolve_syscall(sc.system_arch(), name) < 0:
+            continue  # unknown to libseccomp on this architecture: there is no such call to deny
+        rules.add_rule(eperm, name)
+    rules.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    rules.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))
+    for flag in CLONE_NAMESPACES.values():
+        rules.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
+    rules.add_rule(eperm, "socket", sc.Arg(0, sc.NE, socket.AF_UNIX))
+    for request in DENIED_IOCTLS.values():
+        rules.add_rule(eperm, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
+    return rules
+
+
+def _export(how: str) -> bytes:
     try:
-        rules = sc.SyscallFilter(sc.ALLOW)
-        eperm = sc.ERRNO(errno.EPERM)
-        for name in DENIED:
-            if sc.resolve_syscall(sc.system_arch(), name) < 0:
-                continue  # unknown to libseccomp on this architecture: there is no such call to deny
-            rules.add_rule(eperm, name)
-        rules.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
-        rules.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))
-        for flag in CLONE_NAMESPACES.values():
-            rules.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
-        rules.add_rule(eperm, "socket", sc.Arg(0, sc.NE, socket.AF_UNIX))
-        for request in DENIED_IOCTLS.values():
-            rules.add_rule(eperm, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
+        rules = _build()
         with tempfile.TemporaryFile() as out:
-            rules.export_bpf(out)
+            getattr(rules, how)(out)
             out.seek(0)
-            bpf = out.read()
+            return out.read()
     except (OSError, ValueError, RuntimeError) as exc:
         raise SeccompUnavailableError(f"the seccomp filter could not be built: {exc}") from None
+
+
+def program_filter() -> bytes:
+    """The filter as BPF, ready for ``bwrap --seccomp``."""
+    bpf = _export("export_bpf")
     if not bpf or len(bpf) % 8:
         raise SeccompUnavailableError(f"the seccomp filter came out malformed ({len(bpf)} bytes)")
     return bpf
 
+
+def describe() -> str:
+    """The filter in libseccomp's pseudo-code, for people and tests to read."""
+    return _export("export_pfc").decode()
