@@ -206,6 +206,12 @@ async def test_hostile_program_gets_a_verdict_and_the_grader_stays_healthy(grade
 async def test_the_grader_still_grades_after_the_hostile_suite(grader):
     assert await grader.run_test("a, b = map(int, input().split())\nprint(a + b)", SUM, None) == (True, "ok")
     assert await grader.run_test(solution("pass"), TWO_SUM, "twoSum") == (True, "ok")
+    # A common way to recurse deeply: a thread with a big stack (threads are allowed; processes are not).
+    deep = ("import sys, threading\nsys.setrecursionlimit(10**6)\nthreading.stack_size(2**26)\n"
+            "def depth(n):\n    return 0 if n == 0 else 1 + depth(n - 1)\n"
+            "def main():\n    a, b = map(int, input().split())\n    print(a + b + depth(100_000) - 100_000)\n"
+            "t = threading.Thread(target=main)\nt.start()\nt.join()\n")
+    assert await grader.run_test(deep, SUM, None) == (True, "ok")
 
 
 def test_comparisons_are_total():
