@@ -178,13 +178,12 @@ class Sandbox:
     """Runs one program on one input. Thread-safe: every run gets its own uid, files and namespaces."""
 
     def __init__(self, limits: SandboxLimits | None = None, *, python: str | None = None,
-                 isolation: Isolation = "bwrap", uid_dir: Path | None = None) -> None:
+                 isolation: Isolation = "bwrap") -> None:
         self.limits = limits or SandboxLimits()
         self.python = python or (_system_python() if isolation == "bwrap" else sys.executable)
         if isolation not in ("bwrap", "rlimits"):
             raise ValueError(f"isolation must be bwrap or rlimits, got {isolation!r}")
         self.isolation: Isolation = isolation
-        self._uid_dir = uid_dir
         self._bwrap = shutil.which("bwrap")
         self._seccomp = b""
         self._disable_userns = False
@@ -253,7 +252,7 @@ class Sandbox:
         if os.geteuid() != 0 or self.isolation != "bwrap":
             return None
         try:
-            lease = lease_uid(self._uid_dir) if self._uid_dir is not None else lease_uid()
+            lease = lease_uid()
         except UidUnavailableError as exc:
             raise SandboxUnavailableError(f"no sandbox uid: {exc}") from None
         _reap_uid(lease.uid)  # a killed grader's program may still run as it

@@ -15,14 +15,21 @@ import fcntl
 import os
 import random
 import stat
+import tempfile
 from pathlib import Path
 
 #: Sandboxed programs run as uids from here on; no account uses them.
 UID_BASE = 0x5A000000
 #: How many uids the machine's sandboxes share: at most this many programs run at once.
 UID_COUNT = 4096
-#: Where the lock files live: root-only, so no unprivileged process can take or fake a lease.
-LOCK_DIR = Path("/run/markov-rsa-sandbox-uids")
+#: Where the lock files live (``/run``, or the temporary directory where there is none): private to
+#: the harness's user, so no other process can take or fake a lease.
+LOCK_DIR_NAME = "markov-rsa-sandbox-uids"
+
+
+def default_lock_dir() -> Path:
+    run = Path("/run")
+    return (run if run.is_dir() and os.access(run, os.W_OK) else Path(tempfile.gettempdir())) / LOCK_DIR_NAME
 
 
 class UidUnavailableError(Exception):
@@ -49,22 +56,28 @@ class UidLease:
 
 
 def _lock_dir(path: Path) -> Path:
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700, parents=False)
-    info = path.lstat()
+    try:
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700, parents=False)
+        info = path.lstat()
+    except OSError as exc:
+        raise UidUnavailableError(f"cannot make the uid lock directory {path}: {exc.strerror}") from None
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
         raise UidUnavailableError(f"{path} must be a directory owned by uid {os.geteuid()} that nobody else "
                                   "can write; remove it and retry")
     return path
 
 
-def lease_uid(lock_dir: Path = LOCK_DIR, count: int = UID_COUNT) -> UidLease:
+def lease_uid(lock_dir: Path | None = None, count: int = UID_COUNT) -> UidLease:
     """Lease a uid no other live sandbox on the machine holds."""
-    directory = _lock_dir(lock_dir)
+    directory = _lock_dir(lock_dir or default_lock_dir())
     start = random.randrange(count)
     for step in range(count):
         slot = (start + step) % count
-        fd = os.open(directory / f"{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(directory / f"{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise UidUnavailableError(f"cannot open a uid lock in {directory}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
