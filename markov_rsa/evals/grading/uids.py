@@ -18,8 +18,9 @@ import stat
 import tempfile
 from pathlib import Path
 
-#: Sandboxed programs run as uids from here on; no account uses them.
-UID_BASE = 0x5A000000
+#: Sandboxed programs run as uids from here on; no account uses them (nor did earlier versions, which
+#: derived uids from 0x5A000000 and the pid: a grader of theirs on the same machine cannot reap ours).
+UID_BASE = 0x5B000000
 #: How many uids the machine's sandboxes share: at most this many programs run at once.
 UID_COUNT = 4096
 #: Where the lock files live (``/run``, or the temporary directory where there is none): private to
