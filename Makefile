@@ -34,9 +34,9 @@ apt = command -v $(1) >/dev/null 2>&1 || { \
 	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(2) >/dev/null; }; \
 	  else echo "install $(2) (e.g. sudo apt-get install $(2)) $(3)" >&2; exit 1; fi; }
 
-# The code sandbox isolates programs with bubblewrap; the tests require it.
+# The code sandbox isolates programs with bubblewrap and a seccomp filter (libseccomp); the tests require both.
 sandbox-deps:
-	@$(call apt,bwrap,bubblewrap,for the code sandbox)
+	@$(call apt,bwrap,bubblewrap libseccomp2,for the code sandbox)
 
 # The report test reads report.html the way a person does, in headless Chromium.
 browser-deps:

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from markov_rsa.evals.datasets import lcb_problem, load_lcb
+from markov_rsa.evals.grading import sandbox as sandbox_module
 from markov_rsa.evals.grading.code import CodeGrader
-from markov_rsa.evals.grading.sandbox import UID_BASE, Sandbox, SandboxLimits, SandboxUnavailableError
+from markov_rsa.evals.grading.sandbox import Sandbox, SandboxLimits, SandboxUnavailableError
 from tests.conftest import DATASETS, ROOT
 from tests.servers import FaultServer, serve_app
 
@@ -40,14 +41,31 @@ def problem():
     return p.__class__(**{**p.__dict__, "public_tests": (), "private_tests": p.private_tests[:1]})
 
 
-def sandbox_processes() -> list[int]:
-    """Processes running as a sandbox uid, anywhere on the machine (zombies run nothing)."""
+LEASED: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def record_leased_uids(monkeypatch):
+    """Every uid these tests' sandboxes lease (other programs on the machine may use sandbox uids too)."""
+    real = sandbox_module.lease_uid
+
+    def recording(*args, **kwargs):
+        lease = real(*args, **kwargs)
+        LEASED.add(lease.uid)
+        return lease
+
+    monkeypatch.setattr(sandbox_module, "lease_uid", recording)
+
+
+def sandbox_processes(uids: set[int] | None = None) -> list[int]:
+    """Processes running as a uid these tests leased (zombies run nothing)."""
+    uids = LEASED if uids is None else uids
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 stat = (entry / "stat").read_text()
-                if entry.stat().st_uid >= UID_BASE and not stat[stat.rindex(")") + 2:].startswith("Z"):
+                if entry.stat().st_uid in uids and not stat[stat.rindex(")") + 2:].startswith("Z"):
                     found.append(int(entry.name))
             except OSError:
                 pass

@@ -2,64 +2,25 @@
 
 stdin problems compare stripped lines, falling back to exact decimal comparison token by token;
 call-based (LeetCode) problems call ``Solution().func(*args)`` with JSON-decoded arguments and
-compare JSON values with tuples read as lists; what such a program prints is discarded.
+compare JSON values with tuples read as lists; what such a program prints is discarded. Whatever a
+program writes ends in a verdict: the comparison (:mod:`.compare`) is total and bounded, and it
+runs with the program, in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
-from typing import Any
 
 from markov_rsa.evals.datasets import CodeTest, Problem
+from markov_rsa.evals.grading.compare import functional_matches, stdin_matches
 from markov_rsa.evals.grading.sandbox import Sandbox
 
+__all__ = ["CodeGrader", "TestReport", "functional_matches", "stdin_matches"]
 
-def _lines(text: str) -> list[str]:
-    return [line.strip() for line in text.strip().split("\n")]
-
-
-def _decimals(line: str) -> list[Decimal] | None:
-    try:
-        return [Decimal(token) for token in line.split()]
-    except InvalidOperation:
-        return None
-
-
-def stdin_matches(actual: str, expected: str) -> bool:
-    got, want = _lines(actual), _lines(expected)
-    if len(got) != len(want):
-        return False
-    for a, b in zip(got, want, strict=True):
-        if a == b:
-            continue
-        da, db = _decimals(a), _decimals(b)
-        if da is None or db is None or len(da) != len(db) or da != db:
-            return False
-    return True
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def functional_matches(actual: str, expected: str) -> bool:
-    try:
-        got = json.loads(actual)
-    except json.JSONDecodeError:
-        return False
-    try:
-        want = json.loads(expected)
-    except json.JSONDecodeError:
-        return actual.strip() == expected.strip()
-    return bool(_plain(got) == _plain(want))
+log = logging.getLogger("markov_rsa.evals.grading")
 
 
 @dataclass(frozen=True)
@@ -86,17 +47,23 @@ class CodeGrader:
         return self._semaphores.setdefault(loop, asyncio.Semaphore(self._concurrency))
 
     async def run_test(self, program: str, test: CodeTest, func_name: str | None) -> tuple[bool, str]:
-        functional = test.testtype == "functional" and func_name
+        """Whether the program passes the test, and the verdict ("ok", "wrong answer" or the run's status)."""
         async with self._semaphore():
-            outcome = await asyncio.to_thread(
-                self.sandbox.run, program, test.input, func_name=func_name if functional else None
-            )
+            return await asyncio.to_thread(self._run_and_compare, program, test, func_name)
+
+    def _run_and_compare(self, program: str, test: CodeTest, func_name: str | None) -> tuple[bool, str]:
+        functional = bool(test.testtype == "functional" and func_name)
+        outcome = self.sandbox.run(program, test.input, func_name=func_name if functional else None)
         if outcome.status != "ok":
             return False, outcome.status
         # A call-based program's prints are discarded, as LiveCodeBench's harness does; its return value
         # arrives on a channel of its own.
-        ok = (functional_matches(outcome.result or "", test.output) if functional
-              else stdin_matches(outcome.stdout, test.output))
+        try:
+            ok = (functional_matches(outcome.result or "", test.output) if functional
+                  else stdin_matches(outcome.stdout, test.output))
+        except Exception as exc:  # the comparison is total; should it ever fail, the program fails, not the run
+            log.warning("output comparison failed (%s: %s); graded wrong", type(exc).__name__, exc)
+            return False, "unreadable output"
         return ok, "ok" if ok else "wrong answer"
 
     async def run_tests(self, program: str | None, tests: Sequence[CodeTest], func_name: str | None, *,

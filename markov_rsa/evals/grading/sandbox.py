@@ -5,48 +5,70 @@ What is isolated (``isolation="bwrap"``, the default; it refuses to run where bu
   ``/proc`` and ``/dev``, its read-only code at ``/sandbox`` and a size-capped writable ``/scratch``,
   ``/tmp`` and ``/dev/shm``. No ``/root``, ``/home``, ``/etc``, work tree, caches, datasets or host
   ``/tmp``: private tests stay with the harness, which passes one test's input on stdin.
-- Identity: when the harness runs as root, each program runs as its own unprivileged uid (from a
-  range no account uses), so the process limit binds and nothing it could reach is writable.
+- Identity: when the harness runs as root, each program runs as its own unprivileged uid, leased
+  machine-wide (:mod:`.uids`), so the process limit binds, no two programs' clean-ups touch each
+  other, and nothing it could reach is writable.
 - Namespaces: new user, PID, network, IPC, UTS and cgroup namespaces. No network at all; the host's
   processes are invisible, so it cannot signal the harness or read another process's environment;
-  when the test ends the namespace's init dies and the kernel kills everything the program started,
-  ``setsid`` daemons included.
-- Limits: CPU seconds, address space, file size (so stdout is capped), open files, processes, and a
+  when the test ends the namespace's init dies and the kernel kills everything the program started.
+  It cannot make namespaces of its own (``--disable-userns`` and the seccomp filter).
+- System calls: a seccomp filter (:mod:`.seccomp`) denies what a contest program never needs: new
+  processes (threads are allowed), namespaces, ptrace, io_uring, keyrings, mounts, BPF, sockets
+  other than AF_UNIX. One process means the address-space limit bounds the program's total memory.
+- Limits: CPU seconds, address space, file size (so stdout is capped), open files, threads, and a
   wall-clock deadline; disk is capped by the tmpfs sizes.
-- Output: stdout, stderr and the call-based result go to unlinked files the harness opened before
-  launch, outside anything the program can see, and are read with a size cap; nothing is reopened by
-  path, so FIFOs and symlinks in its directory cannot hang or mislead the grader.
-- Environment: replaced; no secret of the harness (an API key) reaches the program.
+- Code and output: the program and the harness's guard arrive as bubblewrap data files (no host
+  directory is mounted, so ``/proc/self/mountinfo`` names none); stdout, stderr and the call-based
+  result go to unlinked files the harness opened before launch, outside anything the program can
+  see, and are read with a size cap; nothing is reopened by path.
+- Verdicts come from what the harness observes (its deadline, the exit status and signal, the size
+  its output files reached, the guard's exit code for MemoryError), never from stderr text.
+- Environment: replaced; no secret of the harness (an API key) reaches the program, and
+  ``/usr/local/etc`` (where tools keep their configuration) is hidden.
 In the interpreter, process creation, signals and sockets are also disabled before the program runs
 (as LiveCodeBench's harness does); that guard is defence in depth, not the boundary.
 
 ``isolation="rlimits"`` (``rsa eval --unsafe-no-sandbox``) runs with the limits and the interpreter
-guard only: a hostile program can then escape. It is for people who accept that risk.
+guard only: a hostile program can then escape, and its memory is bounded per process, not in total.
+It is for people who accept that risk. Its code directories are locked while in use; a killed
+grader's are removed when the next ``Sandbox`` starts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
 import resource
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
 from markov_rsa.errors import MarkovRSAError
+from markov_rsa.evals.grading.seccomp import SeccompUnavailableError, program_filter
+from markov_rsa.evals.grading.uids import UID_BASE, UidLease, UidUnavailableError, lease_uid
+
+__all__ = ["MEMORY_EXIT", "UID_BASE", "RunOutcome", "Sandbox", "SandboxLimits", "SandboxUnavailableError",
+           "bwrap_works"]
 
 Status = Literal["ok", "error", "timeout", "memory", "output_limit"]
 Isolation = Literal["bwrap", "rlimits"]
 
+#: The guard's exit status when the program ran out of memory (in any thread).
+MEMORY_EXIT = 86
+#: rlimits mode's per-run directories; one nobody holds (its grader was killed) is removed later.
+CODE_DIR_PREFIX = "markov-rsa-code-"
+
 _GUARD = r'''
-import builtins, faulthandler, io, json, os, sys
+import builtins, faulthandler, io, json, os, sys, threading
 
 def _blocked(*args, **kwargs):
     raise PermissionError("not allowed in the sandbox")
@@ -74,27 +96,40 @@ def _to_plain(value):
         return {k: _to_plain(v) for k, v in value.items()}
     return value
 
-mode, func_name, code, result_fd = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-result = os.fdopen(result_fd, "w") if mode == "functional" else None
-if result is None:
-    os.close(result_fd)
-source = open(code, encoding="utf-8").read()
-_guard()
-if mode == "stdin":
-    exec(compile(source, "solution.py", "exec"), {"__name__": "__main__"})
-else:
-    args = [json.loads(line) for line in sys.stdin.read().split("\n") if line.strip()]
-    namespace = {"__name__": "solution"}
-    exec(compile("from typing import *\nfrom collections import *\nimport math, heapq, bisect, itertools\n" + source,
-                 "solution.py", "exec"), namespace)
-    if "Solution" in namespace:
-        target = getattr(namespace["Solution"](), func_name)
+def _main():
+    mode, func_name, code, result_fd = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    result = os.fdopen(result_fd, "w") if mode == "functional" else None
+    if result is None:
+        os.close(result_fd)
+    source = open(code, encoding="utf-8").read()
+    _guard()
+    if mode == "stdin":
+        exec(compile(source, "solution.py", "exec"), {"__name__": "__main__"})
     else:
-        target = namespace[func_name]
-    value = target(*args)
-    result.write(json.dumps(_to_plain(value)))
-    result.flush()
-'''
+        args = [json.loads(line) for line in sys.stdin.read().split("\n") if line.strip()]
+        namespace = {"__name__": "solution"}
+        exec(compile("from typing import *\nfrom collections import *\nimport math, heapq, bisect, itertools\n"
+                     + source, "solution.py", "exec"), namespace)
+        if "Solution" in namespace:
+            target = getattr(namespace["Solution"](), func_name)
+        else:
+            target = namespace[func_name]
+        value = target(*args)
+        result.write(json.dumps(_to_plain(value)))
+        result.flush()
+
+def _thread_died(args, _default=threading.excepthook):
+    if issubclass(args.exc_type, MemoryError):
+        os._exit(MEMORY_EXIT)
+    _default(args)
+
+# Running out of memory is reported by exit status (the harness never reads stderr for a verdict).
+threading.excepthook = _thread_died
+try:
+    _main()
+except MemoryError:
+    os._exit(MEMORY_EXIT)
+'''.replace("MEMORY_EXIT", str(MEMORY_EXIT))
 
 
 class SandboxUnavailableError(MarkovRSAError):
@@ -107,8 +142,10 @@ class SandboxUnavailableError(MarkovRSAError):
 class SandboxLimits:
     cpu_seconds: int = 6
     wall_seconds: float = 10.0
+    #: The program's whole address space (it is one process: the seccomp filter denies new ones).
     memory_mb: int = 1024
     output_bytes: int = 8 * 1024 * 1024
+    #: Threads (with bubblewrap) or processes (rlimits only) at once.
     max_processes: int = 16
     max_open_files: int = 64
     #: Size of each writable tmpfs (/scratch, /tmp, /dev/shm).
@@ -126,8 +163,8 @@ class RunOutcome:
     result: str | None = None
 
 
-#: Sandboxed programs run as uids from here on (when the harness is root); no account uses them.
-UID_BASE = 0x5A000000
+#: Of stderr only the end is kept: it explains a crash to a person and decides nothing.
+STDERR_TAIL = 4000
 
 
 def _system_python() -> str:
@@ -147,9 +184,10 @@ class Sandbox:
         if isolation not in ("bwrap", "rlimits"):
             raise ValueError(f"isolation must be bwrap or rlimits, got {isolation!r}")
         self.isolation: Isolation = isolation
-        self._lock = threading.Lock()
-        self._free_uids = list(range(64))
         self._bwrap = shutil.which("bwrap")
+        self._seccomp = b""
+        self._disable_userns = False
+        remove_stale_code_dirs()
         if isolation == "bwrap":
             self._check_bwrap()
 
@@ -160,16 +198,31 @@ class Sandbox:
                "namespaces, or pass --unsafe-no-sandbox to run untrusted programs with rlimits only")
         if self._bwrap is None:
             raise SandboxUnavailableError(f"code grading runs untrusted programs and needs bubblewrap: {how}")
-        probe = self.run("print(6 * 7)\n", "")
-        if probe.status != "ok" or probe.stdout.strip() != "42":
+        try:
+            self._seccomp = program_filter()
+        except SeccompUnavailableError as exc:
+            raise SandboxUnavailableError(f"code grading needs a seccomp filter: {exc}; or pass "
+                                          "--unsafe-no-sandbox to run untrusted programs with rlimits only") from None
+        self._disable_userns = _bwrap_version(self._bwrap) >= (0, 8, 0)
+        probe = self.run("print(6 * 7)\nprint(open('/proc/self/status').read())\n", "")
+        if probe.status != "ok" or probe.stdout.split("\n", 1)[0] != "42":
             detail = (probe.stderr.strip().splitlines() or [probe.status])[-1][:200]
             raise SandboxUnavailableError(f"bubblewrap does not work here ({detail}): {how}")
+        status = dict(re.findall(r"^(\w+):\s*(\S+)", probe.stdout, re.MULTILINE))
+        if status.get("Seccomp") != "2" or status.get("NoNewPrivs") != "1":
+            raise SandboxUnavailableError("the seccomp filter is not in force inside the sandbox (Seccomp: "
+                                          f"{status.get('Seccomp')}): use a kernel with seccomp filtering, or "
+                                          "pass --unsafe-no-sandbox to run untrusted programs with rlimits only")
 
-    def _bwrap_command(self, code_dir: Path, inner: list[str]) -> list[str]:
+    def _bwrap_command(self, files: dict[str, IO[bytes]], inner: list[str]) -> list[str]:
         assert self._bwrap is not None
         mb = self.limits.disk_mb * 2**20
-        command = [self._bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--hostname", "sandbox",
-                   "--ro-bind", "/usr", "/usr"]
+        command = [self._bwrap, "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
+                   "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
+        if self._disable_userns:
+            command.append("--disable-userns")
+        if Path("/usr/local/etc").is_dir():  # tools' configuration (an npmrc may hold a token)
+            command += ["--size", "4096", "--tmpfs", "/usr/local/etc", "--remount-ro", "/usr/local/etc"]
         for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
             path = Path("/") / name
             if path.is_symlink():
@@ -180,9 +233,13 @@ class Sandbox:
         if not str(python_home).startswith("/usr"):
             command += ["--ro-bind", str(python_home), str(python_home)]
         command += ["--proc", "/proc", "--dev", "/dev", "--size", str(mb), "--tmpfs", "/dev/shm",
-                    "--size", str(mb), "--tmpfs", "/tmp", "--size", str(mb), "--tmpfs", "/scratch",
-                    "--ro-bind", str(code_dir), "/sandbox", "--chdir", "/scratch", "--uid", "65534", "--gid", "65534",
-                    "--clearenv"]
+                    "--size", str(mb), "--tmpfs", "/tmp", "--size", str(mb), "--tmpfs", "/scratch"]
+        # The code arrives as data, not as a bind mount of a host directory: nothing of the host's
+        # layout shows in /proc/self/mountinfo, and nothing is left on disk if the grader is killed.
+        for name in ("solution.py", "guard.py"):
+            command += ["--ro-bind-data", str(files[name].fileno()), f"/sandbox/{name}"]
+        command += ["--seccomp", str(files["seccomp"].fileno()), "--chdir", "/scratch",
+                    "--uid", "65534", "--gid", "65534", "--clearenv"]
         for key, value in self._env("/scratch").items():
             command += ["--setenv", key, value]
         return [*command, *inner]
@@ -191,22 +248,15 @@ class Sandbox:
         return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "PYTHONHASHSEED": "0",
                 "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
-    def _acquire_uid(self) -> int | None:
+    def _lease(self) -> UidLease | None:
         if os.geteuid() != 0 or self.isolation != "bwrap":
             return None
-        while True:
-            with self._lock:
-                if self._free_uids:
-                    # Oldest first: a uid is reused only after the others, by when its zombies (which still
-                    # count against its process limit) are long reaped.
-                    slot = self._free_uids.pop(0)
-                    return UID_BASE + (os.getpid() % 4096) * 64 + slot
-            time.sleep(0.01)
-
-    def _release_uid(self, uid: int | None) -> None:
-        if uid is not None:
-            with self._lock:
-                self._free_uids.append((uid - UID_BASE) % 64)
+        try:
+            lease = lease_uid()
+        except UidUnavailableError as exc:
+            raise SandboxUnavailableError(f"no sandbox uid: {exc}") from None
+        _reap_uid(lease.uid)  # a killed grader's program may still run as it
+        return lease
 
     def _preexec(self, uid: int | None) -> None:  # runs in the child between fork and exec (after setuid)
         lim = self.limits
@@ -223,62 +273,72 @@ class Sandbox:
 
     # -- running ----------------------------------------------------------------------------------
     def run(self, source: str, stdin: str, *, func_name: str | None = None) -> RunOutcome:
-        code_dir = Path(tempfile.mkdtemp(prefix="markov-rsa-code-"))
-        uid = self._acquire_uid()
+        lease = self._lease()
         try:
-            return self._run_in(code_dir, source, stdin, func_name, uid)
+            if self.isolation == "bwrap":
+                return self._run_in(None, source, stdin, func_name, lease.uid if lease else None)
+            with code_dir() as directory:
+                return self._run_in(directory, source, stdin, func_name, None)
         finally:
-            self._release_uid(uid)
-            shutil.rmtree(code_dir, ignore_errors=True)
+            if lease is not None:
+                lease.release()
 
-    def _run_in(self, code_dir: Path, source: str, stdin: str, func_name: str | None, uid: int | None) -> RunOutcome:
-        (code_dir / "solution.py").write_text(source, encoding="utf-8")
-        (code_dir / "guard.py").write_text(_GUARD, encoding="utf-8")
-        code_dir.chmod(0o755)
-        for path in code_dir.iterdir():
-            path.chmod(0o644)
+    def _run_in(self, directory: Path | None, source: str, stdin: str, func_name: str | None,
+                uid: int | None) -> RunOutcome:
         mode = "functional" if func_name else "stdin"
-        with tempfile.TemporaryFile() as fin, tempfile.TemporaryFile() as fout, tempfile.TemporaryFile() as ferr, \
-                tempfile.TemporaryFile() as fres:
-            result_fd = str(fres.fileno())
+        with contextlib.ExitStack() as stack:
+            names = ("stdin", "stdout", "stderr", "result", "solution.py", "guard.py", "seccomp")
+            files: dict[str, IO[bytes]] = {name: stack.enter_context(tempfile.TemporaryFile()) for name in names}
+            for name, data in (("stdin", stdin.encode("utf-8")), ("solution.py", source.encode("utf-8")),
+                               ("guard.py", _GUARD.encode("utf-8")), ("seccomp", self._seccomp)):
+                files[name].write(data)
+                files[name].seek(0)
+            result_fd = str(files["result"].fileno())
             if self.isolation == "bwrap":
                 inner = [self.python, "-I", "-S", "-B", "/sandbox/guard.py", mode, func_name or "-",
                          "/sandbox/solution.py", result_fd]
-                command, cwd, env = self._bwrap_command(code_dir, inner), "/", {}
+                command, cwd, env = self._bwrap_command(files, inner), "/", {}
+                passed = tuple(files[n].fileno() for n in ("result", "solution.py", "guard.py", "seccomp"))
             else:
-                work = Path(tempfile.mkdtemp(prefix="markov-rsa-work-", dir=code_dir))
-                inner = [self.python, "-I", "-B", str(code_dir / "guard.py"), mode, func_name or "-",
-                         str(code_dir / "solution.py"), result_fd]
+                assert directory is not None
+                for name in ("solution.py", "guard.py"):
+                    (directory / name).write_bytes(files[name].read())
+                work = directory / "work"
+                work.mkdir()
+                inner = [self.python, "-I", "-B", str(directory / "guard.py"), mode, func_name or "-",
+                         str(directory / "solution.py"), result_fd]
                 command, cwd, env = inner, str(work), self._env(str(work))
-            fin.write(stdin.encode("utf-8"))
-            fin.seek(0)
+                passed = (files["result"].fileno(),)
             start = time.perf_counter()
-            process, timed_out = self._launch(command, cwd, env, fin, fout, ferr, fres, uid)
+            process, timed_out = self._launch(command, cwd, env, files, passed, uid)
             seconds = time.perf_counter() - start
-            stdout = _read_capped(fout, self.limits.output_bytes)
-            stderr = _read_capped(ferr, self.limits.output_bytes)[-4000:]
-            result = _read_capped(fres, self.limits.output_bytes) if func_name else None
+            cap = self.limits.output_bytes
+            stdout, stdout_size = _read_capped(files["stdout"], cap)
+            stderr, _ = _read_capped(files["stderr"], STDERR_TAIL, tail=True)
+            result, result_size = _read_capped(files["result"], cap) if func_name else ("", 0)
         code = process.returncode
+        return RunOutcome(self._verdict(code, timed_out, seconds, max(stdout_size, result_size) >= cap),
+                          stdout, stderr, code, seconds, result or None)
+
+    def _verdict(self, code: int, timed_out: bool, seconds: float, output_full: bool) -> Status:
+        """What happened, from what the harness observed: never from what the program printed."""
         # A signal shows as -N directly, or as 128+N when bubblewrap reports its child's death.
         died_of = -code if code < 0 else code - 128 if code > 128 else 0
-        if timed_out or (died_of in (signal.SIGXCPU, signal.SIGKILL) and seconds >= self.limits.cpu_seconds * 0.9):
-            status: Status = "timeout"
-        elif died_of == signal.SIGXFSZ or "File too large" in stderr:
-            status = "output_limit"
-        elif "MemoryError" in stderr:
-            status = "memory"
-        elif code != 0:
-            status = "error"
-        else:
-            status = "ok"
-        return RunOutcome(status, stdout, stderr, code, seconds, result or None)
+        if timed_out or died_of == signal.SIGXCPU or (
+                died_of == signal.SIGKILL and seconds >= self.limits.cpu_seconds * 0.9):
+            return "timeout"
+        if died_of == signal.SIGXFSZ or output_full:  # the file-size limit stopped it at the cap
+            return "output_limit"
+        if code == MEMORY_EXIT:
+            return "memory"
+        return "error" if code != 0 else "ok"
 
-    def _launch(self, command: list[str], cwd: str, env: dict[str, str], fin: IO[bytes], fout: IO[bytes],
-                ferr: IO[bytes], fres: IO[bytes], uid: int | None) -> tuple[subprocess.Popen[bytes], bool]:
+    def _launch(self, command: list[str], cwd: str, env: dict[str, str], files: dict[str, IO[bytes]],
+                passed: tuple[int, ...], uid: int | None) -> tuple[subprocess.Popen[bytes], bool]:
         # The result file is handed over as an extra descriptor: stdout may hold the program's prints.
         process = subprocess.Popen(
-            command, stdin=fin, stdout=fout, stderr=ferr, cwd=cwd, env=env, close_fds=True,
-            pass_fds=(fres.fileno(),), start_new_session=True, preexec_fn=lambda: self._preexec(uid),
+            command, stdin=files["stdin"], stdout=files["stdout"], stderr=files["stderr"], cwd=cwd, env=env,
+            close_fds=True, pass_fds=passed, start_new_session=True, preexec_fn=lambda: self._preexec(uid),
             user=uid, group=uid, extra_groups=None if uid is None else [],
         )
         timed_out = False
@@ -294,10 +354,61 @@ class Sandbox:
         return process, timed_out
 
 
+def _read_capped(handle: IO[bytes], limit: int, *, tail: bool = False) -> tuple[str, int]:
+    """At most ``limit`` bytes of what a program wrote (the end of it with ``tail``), and its full size."""
+    size = os.fstat(handle.fileno()).st_size
+    handle.seek(max(0, size - limit) if tail else 0)
+    return handle.read(limit).decode("utf-8", "replace"), size
 
-def _read_capped(handle: IO[bytes], limit: int) -> str:
-    handle.seek(0)
-    return handle.read(limit).decode("utf-8", "replace")
+
+def _bwrap_version(bwrap: str) -> tuple[int, ...]:
+    try:
+        out = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    found = re.search(r"(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(part) for part in found.groups()) if found else ()
+
+
+@contextlib.contextmanager
+def code_dir() -> Iterator[Path]:
+    """A private directory for one rlimits-mode run, locked while the run lasts and removed after it."""
+    directory = Path(tempfile.mkdtemp(prefix=CODE_DIR_PREFIX))
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        directory.chmod(0o755)
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        os.close(fd)
+
+
+#: A directory younger than this may be between its creation and its lock: left alone.
+STALE_AFTER_SECONDS = 60.0
+
+
+def remove_stale_code_dirs(parent: Path | None = None) -> list[Path]:
+    """Remove the code directories of graders that were killed mid-run (nobody holds their lock)."""
+    removed = []
+    for directory in Path(parent or tempfile.gettempdir()).glob(f"{CODE_DIR_PREFIX}*"):
+        try:
+            info = directory.lstat()
+            if not directory.is_dir() or directory.is_symlink() or info.st_uid != os.geteuid() or \
+                    time.time() - info.st_mtime < STALE_AFTER_SECONDS:
+                continue
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live run holds it
+        finally:
+            os.close(fd)
+        shutil.rmtree(directory, ignore_errors=True)
+        removed.append(directory)
+    return removed
 
 
 def bwrap_works() -> bool:
