@@ -55,9 +55,13 @@ class OpenAIBackend:
     extra_body: Mapping[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None
     max_concurrency: int = 64
-    #: Seconds for the connect and the longest silence between two streamed chunks.
+    #: Seconds for the connect and the longest silence once a stream has started. Waiting for a stream's
+    #: first byte (a queue for a slot, a long prefill) is not silence while the server answers /health.
     timeout: float = 600.0
-    connect_timeout: float = 10.0
+    #: Seconds for the connect (None: ``timeout``).
+    connect_timeout: float | None = None
+    #: Seconds a stream may wait for its first byte while the server is alive (None: no limit).
+    first_byte_timeout: float | None = None
     #: Seconds for a whole request, streaming included (None: no limit).
     deadline: float | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -74,7 +78,7 @@ class OpenAIBackend:
         for url in urls:
             if not url.startswith(("http://", "https://")):
                 raise BackendRequestError(f"base_url: {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
-        clients = ClientPools(self.max_concurrency, httpx.Timeout(self.timeout, connect=self.connect_timeout),
+        clients = ClientPools(self.max_concurrency, httpx.Timeout(self.timeout, connect=self.timeouts.connect),
                               api_key=self.api_key, transport=self.transport)
         pool = ReplicaPool([u.rstrip("/") for u in urls], self.retry, affinity=self.affinity)
         #: Replica choice, connection pools and retries (public: the server's pass-through relays over it).
@@ -90,7 +94,9 @@ class OpenAIBackend:
 
     @property
     def timeouts(self) -> Timeouts:
-        return Timeouts(silence=self.timeout, connect=self.connect_timeout, deadline=self.deadline)
+        connect = self.timeout if self.connect_timeout is None else self.connect_timeout
+        return Timeouts(silence=self.timeout, connect=connect, deadline=self.deadline,
+                        first_byte=self.first_byte_timeout)
 
     @property
     def endpoints(self) -> list[dict[str, Any]]:

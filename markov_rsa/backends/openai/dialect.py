@@ -108,7 +108,7 @@ class Dialect:
         elif self.route is not None and self.route.style == "vllm":
             data = await self.router.call(self.route.tokenize, {"model": self.model, "messages": sample,
                                                                 "add_generation_prompt": True}, root=True, attempts=1)
-            rendered = await self.detokenize_remote([int(t) for t in data["tokens"]][-8:])
+            rendered = await self.detokenize_remote(token_list(data, self.route.tokenize)[-8:])
         else:
             return False
         return rendered.rstrip().endswith("<think>")
@@ -150,7 +150,7 @@ class Dialect:
         else:
             body = {"content": text, "add_special": False}
         data = await self.router.call(route.tokenize, body, root=True, attempts=2)
-        ids = [int(t) for t in data["tokens"]]
+        ids = token_list(data, route.tokenize)
         prefix = list(route.strip_prefix)
         return ids[len(prefix):] if prefix and ids[: len(prefix)] == prefix else ids
 
@@ -161,7 +161,10 @@ class Dialect:
         if route.style != "llamacpp":
             body["model"] = self.model
         data = await self.router.call(route.detokenize, body, root=True, attempts=2)
-        return str(data.get("prompt", data.get("text", data.get("content", ""))))
+        text = next((data[k] for k in ("prompt", "text", "content") if isinstance(data, dict) and k in data), None)
+        if not isinstance(text, str):
+            raise BackendRequestError(f"{route.detokenize}: the server's reply holds no text ({_shape(data)})")
+        return text
 
     async def tokenize(self, text: str) -> list[int]:
         await self.ready()
@@ -185,3 +188,16 @@ class Dialect:
                 if skip == 3 or len(ids) <= skip + 1:
                     raise
         raise AssertionError("unreachable")
+
+
+def _shape(data: Any) -> str:
+    return f"keys {sorted(data)[:5]}" if isinstance(data, dict) else type(data).__name__
+
+
+def token_list(data: Any, path: str) -> list[int]:
+    """The token ids of a tokenize reply; any other reply (``{"detail": ...}``, ``[]``, ids that are not
+    integers) is a :class:`BackendRequestError` that fails the one tail or prompt that asked, not the run."""
+    tokens = data.get("tokens") if isinstance(data, dict) else None
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise BackendRequestError(f"{path}: the server's reply holds no token list ({_shape(data)})")
+    return list(tokens)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from markov_rsa.backends.base import Message
-from markov_rsa.backends.openai.dialect import Dialect
+from markov_rsa.backends.openai.dialect import Dialect, token_list
 
 #: Renders kept (oldest dropped first).
 CACHE_SIZE = 256
@@ -42,12 +42,12 @@ class ChatPromptIds:
                                                  attempts=2)
             body: dict[str, Any] = {"content": str(rendered["prompt"]), "add_special": True, "parse_special": True}
             data = await dialect.router.call(dialect.route.tokenize, body, root=True, attempts=2)
-            ids = [int(t) for t in data["tokens"]]
+            ids = token_list(data, dialect.route.tokenize)
         else:
             body = {"model": dialect.model, "messages": list(messages), "add_generation_prompt": True}
             assert dialect.route is not None
             data = await dialect.router.call(dialect.route.tokenize, body, root=True, attempts=2)
-            ids = [int(t) for t in data["tokens"]]
+            ids = token_list(data, dialect.route.tokenize)
         if len(self._cache) >= CACHE_SIZE:
             self._cache.pop(next(iter(self._cache)))
         self._cache[key] = ids

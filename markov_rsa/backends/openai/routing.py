@@ -68,9 +68,9 @@ class Router:
                     return result
                 finally:
                     replica.in_flight -= 1
+            # The backoff counts this request's attempts on every replica: a fleet that fails everywhere
+            # (an overloaded cluster) is given time, not retried at once until every replica is ejected.
             delay = wait if wait is not None else policy.backoff(number, self.rng)
-            if self.pool.healthy_besides(replica) and wait is None:
-                delay = 0.0  # another replica can take it right away
             if number + 1 >= max_attempts:
                 logger.debug("%s: giving up after %d attempt(s): %s", what, number + 1, last)
                 break
@@ -101,7 +101,7 @@ class Router:
         raise_for_status(replica.url, path, response, self.model)
         try:
             return response.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             raise Transient("the server sent a body that is not JSON") from None
 
     async def call(self, path: str, body: dict[str, Any], *, root: bool = False, attempts: int | None = None) -> Any:

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -26,43 +27,110 @@ from markov_rsa.backends.sse import MalformedReply, StreamReader
 logger = logging.getLogger("markov_rsa.backends.openai.stream")
 
 
+@dataclass
+class _Progress:
+    """When the stream's first body byte and latest line came (monotonic seconds)."""
+
+    started: float
+    last: float
+    first: float | None = None
+    checked: float = 0.0
+
+
 async def stream_once(router: Router, replica: Replica, path: str, body: dict[str, Any], request: GenerationRequest,
                       completions: bool, start: float) -> Generation:
-    """Stream one generation from ``replica``, reporting progress as tokens arrive."""
-    url = replica.url + path
-    shard = router.clients.client()
-    shard.in_flight += 1
+    """Stream one generation from ``replica``, reporting progress as tokens arrive.
+
+    Three bounds, kept apart: the connect (``timeouts.connect``); the wait for the first byte of the
+    body, which is a queue for a free slot or a long prefill on a busy server, so it is unbounded
+    (or ``timeouts.first_byte``) while the server answers its health check every ``silence``
+    seconds; and the silence between chunks once the stream has started (``timeouts.silence``).
+    """
     reader = StreamReader(completions=completions)
     silence = router.timeouts.silence
+    now = time.monotonic()
+    progress = _Progress(started=now, last=now, checked=now)
+    reading = asyncio.ensure_future(_read(router, replica, path, body, request, reader, progress))
+    poll = min(1.0, silence / 4)
     try:
-        with transport_errors(f"no data for {silence:.0f}s", spent=lambda: reader.tokens_so_far):
-            async with contextlib.AsyncExitStack() as stack:
-                response = await stack.enter_async_context(shard.client.stream("POST", url, json=body))
-                if response.status_code != 200:
-                    await response.aread()
-                    raise_for_status(replica.url, path, response, router.model)
-                last = time.monotonic()
-                async for line in _lines(response, router.timeouts.deadline):
-                    now = time.monotonic()
-                    if now - last > max(30.0, silence / 4):
-                        logger.info("stream from %s resumed after %.0fs of silence", replica.url, now - last)
-                    last = now
-                    if reader.feed_line(line) and request.on_progress is not None:
-                        request.on_progress(reader.tokens_so_far)
-                    if reader.done:
-                        break
+        while not reading.done():
+            await asyncio.wait({reading}, timeout=poll)
+            if reading.done():
+                break
+            now = time.monotonic()
+            if progress.first is None:
+                limit = router.timeouts.first_byte
+                if limit is not None and now - progress.started > limit:
+                    raise Transient(f"no reply within {limit:.0f}s", spent=reader.tokens_so_far, timed_out=True)
+                if now - progress.checked >= silence:
+                    if not await alive(router, replica):
+                        raise Transient(f"no reply in {now - progress.started:.0f}s and the server does not answer "
+                                        "its health check", spent=reader.tokens_so_far, timed_out=True)
+                    progress.checked = time.monotonic()
+                    logger.debug("%s has not started a reply after %.0fs but is alive: queued, waiting on",
+                                 replica.url, now - progress.started)
+            elif now - progress.last > silence:
+                raise Transient(f"no data for {silence:.0f}s", spent=reader.tokens_so_far, timed_out=True)
+        reading.result()
     except Transient as exc:
         if exc.timed_out:
-            logger.warning("stream from %s was silent for %.0fs (--timeout); retrying", replica.url, silence)
+            logger.warning("stream from %s: %s (--timeout); retrying", replica.url, exc)
         raise
     except MalformedReply as exc:
         raise Transient(str(exc), spent=reader.tokens_so_far) from None
     finally:
-        shard.in_flight -= 1
+        if not reading.done():
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reading
+        elif not reading.cancelled():
+            reading.exception()  # read by whoever cancelled us, or already raised above: never "unretrieved"
     try:
         return reader.result(time.perf_counter() - start)
     except MalformedReply as exc:
         raise Transient(str(exc), spent=reader.tokens_so_far) from None
+
+
+async def alive(router: Router, replica: Replica) -> bool:
+    """Whether the server answers its health check (``/health``) within the silence bound: a server
+    that does is busy, not gone. Any status below 500 counts (a server without /health answers 404)."""
+    try:
+        response = await router.clients.client().client.get(replica.root + "/health",
+                                                             timeout=router.timeouts.silence)
+    except httpx.HTTPError:
+        return False
+    return response.status_code < 500
+
+
+async def _read(router: Router, replica: Replica, path: str, body: dict[str, Any], request: GenerationRequest,
+                reader: StreamReader, progress: _Progress) -> None:
+    url = replica.url + path
+    shard = router.clients.client()
+    shard.in_flight += 1
+    silence = router.timeouts.silence
+    # No read timeout here: the watchdog in stream_once tells a queue from a dead server.
+    timeout = httpx.Timeout(silence, connect=router.timeouts.connect, read=None, pool=None)
+    try:
+        with transport_errors(f"no data for {silence:.0f}s", spent=lambda: reader.tokens_so_far):
+            async with contextlib.AsyncExitStack() as stack:
+                response = await stack.enter_async_context(
+                    shard.client.stream("POST", url, json=body, timeout=timeout))
+                if response.status_code != 200:
+                    await response.aread()
+                    raise_for_status(replica.url, path, response, router.model)
+                async for line in _lines(response, router.timeouts.deadline):
+                    now = time.monotonic()
+                    if progress.first is None:
+                        progress.first = now
+                    elif now - progress.last > max(30.0, silence / 4):
+                        logger.info("stream from %s resumed after %.0fs of silence", replica.url, now - progress.last)
+                    progress.last = now
+                    if reader.feed_line(line) and request.on_progress is not None:
+                        request.on_progress(reader.tokens_so_far)
+                    if reader.done:
+                        break
+    finally:
+        shard.in_flight -= 1
 
 
 async def _lines(response: httpx.Response, deadline: float | None) -> AsyncIterator[str]:
