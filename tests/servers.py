@@ -543,7 +543,8 @@ class QueueingServer:
     sent nothing at all meanwhile (a stream's headers go out at once, as vLLM's do; no body byte until
     a slot frees). A prompt whose problem text (first user message) this server has not seen costs
     ``prefill`` seconds more: its prefix cache. ``/metrics`` reports vLLM's queue gauges
-    (``vllm:num_requests_waiting``, ``vllm:num_requests_running``) when ``metrics`` is set; ``/health``
+    (``vllm:num_requests_waiting``, ``vllm:num_requests_running``) and ``/props`` its slot count
+(llama.cpp's ``total_slots``) when ``metrics`` is set; ``/health``
     answers 200 unless ``frozen`` (then nothing answers, as with a stopped process). It records every
     request's queue wait, start and end (server-side timings) and what it prefilled."""
 
@@ -570,8 +571,12 @@ class QueueingServer:
                   Route("/v1/models", self._models, methods=["GET"]),
                   Route("/health", self._health, methods=["GET"])]
         if self.metrics:
-            routes.append(Route("/metrics", self._metrics, methods=["GET"]))
+            routes += [Route("/metrics", self._metrics, methods=["GET"]), Route("/props", self._props, methods=["GET"])]
         return Starlette(routes=routes)
+
+    async def _props(self, request: Request) -> Response:
+        await self._freeze()
+        return JSONResponse({"total_slots": self.slots})
 
     async def _freeze(self) -> None:
         while self.frozen:

@@ -156,3 +156,44 @@ def test_a_deeply_nested_chunk_is_a_malformed_reply_not_a_crash():
     reader = StreamReader()
     with pytest.raises(MalformedReply):
         reader.feed_line("data: " + "[" * 100_000 + "]" * 100_000)
+
+
+async def routed_run(routing: str, *, metrics: bool = True) -> tuple[float, list[QueueingServer]]:
+    """One run (population 6) over three replicas of 2 slots each; its wall time and the servers."""
+    servers = [QueueingServer(slots=2, duration=0.3, prefill=0.1, metrics=metrics) for _ in range(3)]
+    with contextlib.ExitStack() as stack:
+        urls = [f"{stack.enter_context(serve_app(s.app()))}/v1" for s in servers]
+        backend = OpenAIBackend(urls, model="queued-model", routing=routing, retry=FAST)  # type: ignore[arg-type]
+        await backend.ready()
+        start = time.monotonic()
+        config = RSAConfig(population=6, k=2, rounds=1, budget=50, tail=10, seed=0)
+        result = await MarkovianRSA(backend, config).solve("What is 1+1?")
+        elapsed = time.monotonic() - start
+        await backend.aclose()
+    assert all(c.ok for r in result.rounds for c in r.candidates)
+    return elapsed, servers
+
+
+async def test_affinity_never_leaves_a_replica_idle_while_another_queues():
+    """Where servers say their slot count, a run's requests stay with its replica only while it has a
+    free slot: every replica works, and the prefix is still found cached on most requests."""
+    _, servers = await routed_run("affinity")
+    assert all(s.served > 0 for s in servers), [s.served for s in servers]
+    assert max(max(s.waits) for s in servers) < 0.25, "no request sat in a queue while a slot was free"
+    _, least = await routed_run("least-busy")
+    assert sum(s.cache_hits for s in servers) >= sum(s.cache_hits for s in least)
+
+
+def test_routing_is_validated():
+    with pytest.raises(BackendRequestError, match="routing"):
+        OpenAIBackend("http://127.0.0.1:1/v1", model="m", routing="round-robin")  # type: ignore[arg-type]
+
+
+def test_routing_flag_reaches_the_backend_and_is_refused_where_it_does_nothing():
+    from markov_rsa.backends.factory import BackendOptions, build_backend
+    from markov_rsa.errors import ConfigError
+
+    backend = build_backend(BackendOptions(base_url=("http://127.0.0.1:1/v1",), model="m", routing="least-busy"))
+    assert isinstance(backend, OpenAIBackend) and backend.router.pool.routing == "least-busy"
+    with pytest.raises(ConfigError, match="routing"):
+        build_backend(BackendOptions(routing="least-busy"), announce=False)

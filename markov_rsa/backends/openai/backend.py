@@ -29,7 +29,7 @@ from markov_rsa.backends.openai.http import ClientPools, Transient
 from markov_rsa.backends.openai.prompt_ids import ChatPromptIds
 from markov_rsa.backends.openai.routing import Router
 from markov_rsa.backends.openai.stream import parse_reply, stream_once
-from markov_rsa.backends.replicas import Replica, ReplicaPool
+from markov_rsa.backends.replicas import Replica, ReplicaPool, Routing
 from markov_rsa.backends.retry import RetryPolicy, Timeouts
 from markov_rsa.errors import BackendRequestError
 
@@ -67,8 +67,11 @@ class OpenAIBackend:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     #: Stream generations (off only for servers that cannot).
     stream: bool = True
-    #: Send one run's requests to the replica that holds its prompt prefix.
+    #: Send one run's requests to the replica that holds its prompt prefix (False: ``routing="least-busy"``).
     affinity: bool = True
+    #: ``affinity``: a run's requests go where its prefix is cached while that replica has a free slot;
+    #: ``least-busy``: every request goes to the least loaded replica.
+    routing: Routing = "affinity"
     transport: httpx.AsyncBaseTransport | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -80,7 +83,10 @@ class OpenAIBackend:
                 raise BackendRequestError(f"base_url: {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
         clients = ClientPools(self.max_concurrency, httpx.Timeout(self.timeout, connect=self.timeouts.connect),
                               api_key=self.api_key, transport=self.transport)
-        pool = ReplicaPool([u.rstrip("/") for u in urls], self.retry, affinity=self.affinity)
+        if self.routing not in ("affinity", "least-busy"):
+            raise BackendRequestError(f"routing: must be affinity or least-busy, got {self.routing!r}")
+        routing: Routing = self.routing if self.affinity else "least-busy"
+        pool = ReplicaPool([u.rstrip("/") for u in urls], self.retry, routing=routing)
         #: Replica choice, connection pools and retries (public: the server's pass-through relays over it).
         self.router = Router(pool, clients, self.retry, self.timeouts, self.model)
         self.dialect = Dialect(self.router, self.model, self.tokenizer)
@@ -122,7 +128,9 @@ class OpenAIBackend:
         await self.router.clients.aclose()
 
     async def ready(self) -> None:
-        await self.dialect.ready()
+        if self.dialect.kind is None:
+            await self.dialect.ready()
+            await self.router.read_slots()
 
     async def tokenize(self, text: str) -> list[int]:
         return await self.dialect.tokenize(text)

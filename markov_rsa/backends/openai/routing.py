@@ -9,12 +9,15 @@ level under ``markov_rsa.backends.openai``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+import httpx
 
 from markov_rsa.backends.openai.http import ClientPools, Transient, raise_for_status, transport_errors
 from markov_rsa.backends.replicas import Replica, ReplicaPool
@@ -85,6 +88,20 @@ class Router:
             await asyncio.sleep(delay)
         self.stats["errors"] += 1
         raise BackendUnavailableError(f"request failed after {number + 1} attempt(s): {last}")
+
+    async def read_slots(self) -> None:
+        """How many requests each replica runs at once, where the server says (llama.cpp's /props
+        ``total_slots``), so that routing can tell a full replica from a free one. Best effort."""
+
+        async def read(replica: Replica) -> None:
+            with contextlib.suppress(httpx.HTTPError, ValueError, RecursionError):
+                response = await self.clients.client().client.get(replica.root + "/props",
+                                                                  timeout=min(5.0, self.timeouts.silence))
+                slots = response.json().get("total_slots") if response.status_code == 200 else None
+                if isinstance(slots, int) and not isinstance(slots, bool) and 0 < slots <= 1_000_000:
+                    replica.slots = slots
+
+        await asyncio.gather(*(read(r) for r in self.pool.replicas))
 
     async def post_once(self, replica: Replica, path: str, body: dict[str, Any], *, root: bool) -> Any:
         """One POST of a JSON body; its JSON reply (a reply that is not JSON is transient)."""
