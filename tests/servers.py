@@ -541,8 +541,8 @@ class QueueingServer:
     """A loopback server that queues as vLLM and llama.cpp do: ``slots`` requests run at once, each for
     ``duration`` seconds (its tokens streamed evenly over that time); the rest wait for a slot and are
     sent nothing at all meanwhile (a stream's headers go out at once, as vLLM's do; no body byte until
-    a slot frees). A prompt whose problem text (first user message) this server has not seen costs
-    ``prefill`` seconds more: its prefix cache. ``/metrics`` reports vLLM's queue gauges
+    a slot frees). A prompt costs up to ``prefill`` seconds more: the share of its 64-character prefix
+    blocks that this server has not seen (its prefix cache). ``/metrics`` reports vLLM's queue gauges
     (``vllm:num_requests_waiting``, ``vllm:num_requests_running``) and ``/props`` its slot count
 (llama.cpp's ``total_slots``) when ``metrics`` is set; ``/health``
     answers 200 unless ``frozen`` (then nothing answers, as with a stopped process). It records every
@@ -558,6 +558,8 @@ class QueueingServer:
     served: int = 0
     waiting: int = 0
     running: int = 0
+    #: Prompt blocks (64 characters) seen, and those found in the prefix cache.
+    prompt_blocks: int = 0
     cache_hits: int = 0
     health_checks: int = 0
     metric_reads: int = 0
@@ -607,7 +609,7 @@ class QueueingServer:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.slots)
         slots = self._slots
-        problem = next((str(m.get("content")) for m in body.get("messages", []) if m.get("role") == "user"), "")
+        prompt = json.dumps(body.get("messages"))
         seed = int(body.get("seed") or 0)
         text = f"Step {seed}. The answer is \\boxed{{{seed % 3}}}."
         max_tokens = int(body.get("max_tokens") or self.tokens)
@@ -626,11 +628,13 @@ class QueueingServer:
             started = time.monotonic()
             self.waits.append(started - arrived)
             try:
-                if problem not in self._seen:
-                    self._seen.add(problem)
-                    await asyncio.sleep(self.prefill)
-                else:
-                    self.cache_hits += 1
+                # A prefix cache of 64-character blocks: the prefill costs the uncached share of the prompt.
+                blocks = [prompt[:end] for end in range(64, len(prompt) + 1, 64)]
+                cached = sum(1 for b in blocks if hashlib.sha1(b.encode()).hexdigest() in self._seen)
+                self._seen.update(hashlib.sha1(b.encode()).hexdigest() for b in blocks)
+                self.prompt_blocks += len(blocks)
+                self.cache_hits += cached
+                await asyncio.sleep(self.prefill * (1 - cached / max(1, len(blocks))))
                 for piece in pieces:
                     await asyncio.sleep(self.duration / max(1, len(pieces)))
                     chunk = {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
