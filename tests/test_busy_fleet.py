@@ -197,3 +197,17 @@ def test_routing_flag_reaches_the_backend_and_is_refused_where_it_does_nothing()
     assert isinstance(backend, OpenAIBackend) and backend.router.pool.routing == "least-busy"
     with pytest.raises(ConfigError, match="routing"):
         build_backend(BackendOptions(routing="least-busy"), announce=False)
+
+
+async def test_a_template_opened_think_is_learnt_without_a_tokenize_endpoint():
+    """No tokenize endpoint, so the probe cannot render the template; a reply that closes a <think> it
+    never opened shows the template opens one, and later replies cut before </think> are marked as
+    unfinished reasoning (think_opened), so they never vote."""
+    replies = iter(["reasoning...</think>The answer is \\boxed{4}.", "still reasoning, cut off"])
+    server = FaultServer(tokenizer=False, reply=lambda body: next(replies))
+    with serve_app(server.app()) as url:
+        backend = OpenAIBackend(f"{url}/v1", model="m", retry=FAST)
+        first = await backend.generate(req(0))
+        second = await backend.generate(req(1))
+        await backend.aclose()
+    assert first.think_opened and second.think_opened

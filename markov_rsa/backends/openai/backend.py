@@ -202,8 +202,15 @@ class OpenAIBackend:
                 "chunked rollouts: the server could not continue the assistant message (its chat template may "
                 "not support continue_final_message); pass --tokenizer NAME (a Hugging Face tokenizer) so that "
                 f"chunks continue from exact token ids over /v1/completions. Server said: {exc}", 400) from None
-        if self.dialect.think_opened and gen.reasoning is None and not completions:
-            gen = Generation(**{**gen.__dict__, "think_opened": True})
+        if gen.reasoning is None and not completions:
+            if not self.dialect.think_opened and _closes_unopened_think(gen.text):
+                # A reply that closes a think block it never opened: the chat template opens it, though the
+                # server could not render the template for the probe (no tokenize endpoint). From now on,
+                # a reply that never closes it is unfinished reasoning.
+                logger.info("replies close a <think> the chat template opened; unclosed ones are unfinished")
+                self.dialect.think_opened = True
+            if self.dialect.think_opened:
+                gen = Generation(**{**gen.__dict__, "think_opened": True})
         return self._with_reasoning_count(gen)
 
     async def _generate(self, path: str, body: dict[str, Any], request: GenerationRequest, completions: bool,
@@ -258,6 +265,11 @@ class OpenAIBackend:
             return gen if gen.text else Generation(**{**gen.__dict__, "reasoning_tokens": len(gen.token_ids)})
         count = len(gen.token_ids) - 1 - gen.token_ids[::-1].index(close)
         return Generation(**{**gen.__dict__, "reasoning_tokens": count})
+
+
+def _closes_unopened_think(text: str) -> bool:
+    close = text.find("</think>")
+    return close >= 0 and "<think>" not in text[:close]
 
 
 def _tags(request: GenerationRequest) -> str:
