@@ -211,3 +211,30 @@ async def test_a_template_opened_think_is_learnt_without_a_tokenize_endpoint():
         second = await backend.generate(req(1))
         await backend.aclose()
     assert first.think_opened and second.think_opened
+
+
+async def test_without_a_model_name_the_only_served_model_is_used():
+    server = QueueingServer(slots=2, duration=0.05)
+    with serve_app(server.app()) as url:
+        backend = OpenAIBackend(f"{url}/v1", retry=FAST)
+        gen = await backend.generate(req(0))
+        await backend.aclose()
+    assert backend.model == "queued-model" and backend.info.model == "queued-model" and gen.finish_reason == "stop"
+
+
+def test_cli_without_model_lists_what_the_server_serves():
+    import subprocess
+    import sys
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [{"id": "alpha"}, {"id": "beta"}]})
+
+    with serve_app(Starlette(routes=[Route("/v1/models", models)])) as url:
+        out = subprocess.run([sys.executable, "-m", "markov_rsa.cli.app", "solve", "2+2?", "--base-url", f"{url}/v1"],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "alpha, beta" in out.stderr and "--model" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -68,8 +68,6 @@ def build_backend(opts: BackendOptions, *, announce: bool = True) -> Backend:
     if kind == "openai":
         from markov_rsa.backends.openai import OpenAIBackend
 
-        if not opts.model:
-            raise ConfigError("model", "name the served model with --model when using --base-url")
         api_key = None
         if opts.api_key_env:
             api_key = os.environ.get(opts.api_key_env)
@@ -77,7 +75,7 @@ def build_backend(opts: BackendOptions, *, announce: bool = True) -> Backend:
                 raise ConfigError("api_key_env", f"environment variable {opts.api_key_env} is not set or empty")
         return OpenAIBackend(
             list(opts.base_url),
-            model=opts.model,
+            model=opts.model or "",
             api_key=api_key,
             tokenizer=opts.tokenizer,
             max_concurrency=opts.max_concurrency or 64,

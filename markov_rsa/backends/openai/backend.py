@@ -25,7 +25,7 @@ import httpx
 
 from markov_rsa.backends.base import BackendInfo, Generation, GenerationRequest
 from markov_rsa.backends.openai.dialect import Dialect
-from markov_rsa.backends.openai.http import ClientPools, Transient
+from markov_rsa.backends.openai.http import ClientPools, Transient, raise_for_status, transport_errors
 from markov_rsa.backends.openai.prompt_ids import ChatPromptIds
 from markov_rsa.backends.openai.routing import Router
 from markov_rsa.backends.openai.stream import parse_reply, stream_once
@@ -49,7 +49,8 @@ class OpenAIBackend:
     """
 
     base_url: str | Sequence[str]
-    model: str
+    #: The served model's name; empty: the only model the server lists (``/v1/models``).
+    model: str = ""
     api_key: str | None = field(default=None, repr=False)
     endpoint: Literal["chat", "completions"] = "chat"
     extra_body: Mapping[str, Any] = field(default_factory=dict)
@@ -129,8 +130,31 @@ class OpenAIBackend:
 
     async def ready(self) -> None:
         if self.dialect.kind is None:
+            if not self.model:
+                await self._served_model()
             await self.dialect.ready()
             await self.router.read_slots()
+
+    async def _served_model(self) -> None:
+        """No model named: use the one the server serves (``/v1/models``), or say which ones it serves."""
+
+        async def attempt(replica: Replica) -> Any:
+            with transport_errors(f"timed out after {self.timeout:.0f}s"):
+                response = await self.router.clients.client().client.get(replica.url + "/models")
+            raise_for_status(replica.url, "/models", response, self.model)
+            try:
+                return response.json()
+            except (ValueError, RecursionError):
+                raise Transient("the server sent a body that is not JSON") from None
+
+        data = await self.router.retrying(attempt, what="/models")
+        listed = data.get("data") if isinstance(data, dict) else None
+        names = [str(m["id"]) for m in listed or [] if isinstance(m, dict) and isinstance(m.get("id"), str)][:20]
+        if len(names) != 1:
+            served = ", ".join(names) if names else "none listed"
+            raise BackendRequestError(f"model: the server serves {served}; name one with --model")
+        self.model = self.router.model = self.dialect.model = names[0]
+        logger.info("using the served model %r", self.model)
 
     async def tokenize(self, text: str) -> list[int]:
         return await self.dialect.tokenize(text)
