@@ -238,3 +238,17 @@ def test_cli_without_model_lists_what_the_server_serves():
                              capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "alpha, beta" in out.stderr and "--model" in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+async def test_a_failed_generation_says_what_it_cost():
+    """Every attempt is a request sent: a generation that fails for good carries its attempts and the tokens
+    its cut streams had delivered, and a successful one counts its retries."""
+    server = FaultServer(faults=lambda body: ["cut"] * 3 if body.get("seed") == 1 else ["503"])
+    with serve_app(server.app()) as url:
+        backend = OpenAIBackend(f"{url}/v1", model="m", retry=FAST)
+        ok = await backend.generate(req(0))
+        with pytest.raises(BackendUnavailableError) as failed:
+            await backend.generate(req(1))
+        await backend.aclose()
+    assert ok.requests == 2
+    assert failed.value.attempts == 3 and failed.value.discarded_tokens == 3

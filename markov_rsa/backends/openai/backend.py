@@ -31,7 +31,7 @@ from markov_rsa.backends.openai.routing import Router
 from markov_rsa.backends.openai.stream import parse_reply, stream_once
 from markov_rsa.backends.replicas import Replica, ReplicaPool, Routing
 from markov_rsa.backends.retry import RetryPolicy, Timeouts
-from markov_rsa.errors import BackendRequestError
+from markov_rsa.errors import BackendError, BackendRequestError
 
 logger = logging.getLogger("markov_rsa.backends.openai")
 
@@ -257,8 +257,9 @@ class OpenAIBackend:
         for _ in range(len(OPTIONAL_FIELDS) + 1):
             try:
                 gen = await self.router.retrying(attempt, key=request.affinity, what=f"{path} {_tags(request)}")
-            except BackendRequestError as exc:
-                if self._drop_refused_field(body, exc) is None:
+            except BackendError as exc:
+                if not isinstance(exc, BackendRequestError) or self._drop_refused_field(body, exc) is None:
+                    exc.attempts, exc.discarded_tokens = tries, spent  # what the failure cost, for the usage
                     raise
                 continue
             return Generation(**{**gen.__dict__, "discarded_tokens": spent, "requests": tries})
