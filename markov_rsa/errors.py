@@ -40,6 +40,10 @@ class BackendError(MarkovRSAError):
 
     #: Whether retrying the same request may succeed (timeouts, overload, dropped connections).
     retryable: bool = False
+    #: Requests the failed generation cost (its retries included), and the tokens its failed attempts had
+    #: streamed (paid for, thrown away), where the backend counts them.
+    attempts: int = 0
+    discarded_tokens: int = 0
 
 
 class BackendUnavailableError(BackendError):

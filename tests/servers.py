@@ -29,7 +29,7 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 
@@ -557,3 +557,120 @@ class AgentUpstream:
         if body.get("stream"):
             return sse(sse_chunks(completion))
         return JSONResponse(completion)
+
+
+@dataclass
+class QueueingServer:
+    """A loopback server that queues as vLLM and llama.cpp do: ``slots`` requests run at once, each for
+    ``duration`` seconds (its tokens streamed evenly over that time); the rest wait for a slot and are
+    sent nothing at all meanwhile (a stream's headers go out at once, as vLLM's do; no body byte until
+    a slot frees). A prompt costs up to ``prefill`` seconds more: the share of its 64-character prefix
+    blocks that this server has not seen (its prefix cache). ``/metrics`` reports vLLM's queue gauges
+    (``vllm:num_requests_waiting``, ``vllm:num_requests_running``) and ``/props`` its slot count
+(llama.cpp's ``total_slots``) when ``metrics`` is set; ``/health``
+    answers 200 unless ``frozen`` (then nothing answers, as with a stopped process). It records every
+    request's queue wait, start and end (server-side timings) and what it prefilled."""
+
+    slots: int = 1
+    duration: float = 0.2
+    prefill: float = 0.0
+    metrics: bool = True
+    frozen: bool = False
+    tokens: int = 8
+    max_model_len: int | None = None
+    served: int = 0
+    waiting: int = 0
+    running: int = 0
+    #: Prompt blocks (64 characters) seen, and those found in the prefix cache.
+    prompt_blocks: int = 0
+    cache_hits: int = 0
+    health_checks: int = 0
+    metric_reads: int = 0
+    spans: list[tuple[float, float]] = field(default_factory=list)
+    waits: list[float] = field(default_factory=list)
+    _seen: set[str] = field(default_factory=set)
+    _slots: asyncio.Semaphore | None = None
+
+    def app(self) -> Starlette:
+        routes = [Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                  Route("/v1/models", self._models, methods=["GET"]),
+                  Route("/health", self._health, methods=["GET"])]
+        if self.metrics:
+            routes += [Route("/metrics", self._metrics, methods=["GET"]), Route("/props", self._props, methods=["GET"])]
+        return Starlette(routes=routes)
+
+    async def _props(self, request: Request) -> Response:
+        await self._freeze()
+        return JSONResponse({"total_slots": self.slots})
+
+    async def _freeze(self) -> None:
+        while self.frozen:
+            await asyncio.sleep(0.05)
+
+    async def _models(self, request: Request) -> Response:
+        await self._freeze()
+        model: dict[str, Any] = {"id": "queued-model", "object": "model"}
+        if self.max_model_len is not None:
+            model["max_model_len"] = self.max_model_len
+        return JSONResponse({"object": "list", "data": [model]})
+
+    async def _health(self, request: Request) -> Response:
+        self.health_checks += 1
+        await self._freeze()
+        return Response(b"", status_code=200)
+
+    async def _metrics(self, request: Request) -> Response:
+        self.metric_reads += 1
+        await self._freeze()
+        text = (f'vllm:num_requests_running{{model_name="queued-model"}} {self.running}.0\n'
+                f'vllm:num_requests_waiting{{model_name="queued-model"}} {self.waiting}.0\n')
+        return PlainTextResponse(text)
+
+    async def _chat(self, request: Request) -> Response:
+        await self._freeze()
+        body = await request.json()
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.slots)
+        slots = self._slots
+        prompt = json.dumps(body.get("messages"))
+        seed = int(body.get("seed") or 0)
+        text = f"Step {seed}. The answer is \\boxed{{{seed % 3}}}."
+        max_tokens = int(body.get("max_tokens") or self.tokens)
+        pieces = [text[i * len(text) // self.tokens:(i + 1) * len(text) // self.tokens] for i in range(self.tokens)]
+        finish = "stop" if self.tokens <= max_tokens else "length"
+        pieces = pieces[:max_tokens]
+        arrived = time.monotonic()
+
+        async def run() -> Any:
+            self.waiting += 1
+            try:
+                await slots.acquire()
+            finally:
+                self.waiting -= 1
+            self.running += 1
+            started = time.monotonic()
+            self.waits.append(started - arrived)
+            try:
+                # A prefix cache of 64-character blocks: the prefill costs the uncached share of the prompt.
+                blocks = [prompt[:end] for end in range(64, len(prompt) + 1, 64)]
+                cached = sum(1 for b in blocks if hashlib.sha1(b.encode()).hexdigest() in self._seen)
+                self._seen.update(hashlib.sha1(b.encode()).hexdigest() for b in blocks)
+                self.prompt_blocks += len(blocks)
+                self.cache_hits += cached
+                await asyncio.sleep(self.prefill * (1 - cached / max(1, len(blocks))))
+                for piece in pieces:
+                    await asyncio.sleep(self.duration / max(1, len(pieces)))
+                    chunk = {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+                    yield f"data: {json.dumps(chunk)}\n\n".encode()
+                end = {"choices": [{"index": 0, "delta": {}, "finish_reason": finish}],
+                       "usage": {"prompt_tokens": len(json.dumps(body.get("messages"))),
+                                 "completion_tokens": len(pieces), "total_tokens": 0}}
+                yield f"data: {json.dumps(end)}\n\n".encode()
+                yield b"data: [DONE]\n\n"
+                self.served += 1
+                self.spans.append((started, time.monotonic()))
+            finally:
+                self.running -= 1
+                slots.release()
+
+        return StreamingResponse(run(), media_type="text/event-stream")

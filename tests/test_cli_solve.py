@@ -52,7 +52,7 @@ def test_solve_reads_stdin_and_quiet_prints_only_the_answer(demo_dir):
         (["--tail", "500", "--budget", "100"], "tail: tail (500) must not exceed"),
         (["--preset", "bogus"], "preset: unknown preset 'bogus'"),
         (["--final", "best"], "--final: 'best' is not one of 'majority', 'aggregate', 'population'"),
-        (["--base-url", "http://127.0.0.1:9/v1"], "model: name the served model with --model"),
+        (["--routing", "least-busy"], "routing: --routing applies to the remote backend only"),
         (["--backend", "openai"], "base_url: --backend openai needs --base-url"),
         (["--backend", "local"], "model: --backend local needs --model"),
         (["--backend", "gpu"], "--backend: 'gpu' is not one of 'auto', 'local', 'openai', 'demo'"),

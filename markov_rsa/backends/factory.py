@@ -27,6 +27,8 @@ class BackendOptions:
     #: local backend's running batch (default 16 rows).
     max_concurrency: int | None = None
     timeout: float = 600.0
+    #: How requests are spread over several --base-url replicas: affinity or least-busy.
+    routing: str = "affinity"
 
     @property
     def kind(self) -> str:
@@ -39,6 +41,8 @@ class BackendOptions:
             raise ConfigError("base_url", "--backend openai needs --base-url (and --model)")
         if self.backend == "local" and not self.model:
             raise ConfigError("model", "--backend local needs --model (a Hub id, directory or .gguf file)")
+        if self.routing not in ("affinity", "least-busy"):
+            raise ConfigError("routing", f"must be affinity or least-busy, got {self.routing!r}")
         if self.backend in ("local", "demo") and self.base_url:
             raise ConfigError("base_url", f"--base-url does not apply to --backend {self.backend}")
         if self.backend == "demo" and self.model:
@@ -64,8 +68,6 @@ def build_backend(opts: BackendOptions, *, announce: bool = True) -> Backend:
     if kind == "openai":
         from markov_rsa.backends.openai import OpenAIBackend
 
-        if not opts.model:
-            raise ConfigError("model", "name the served model with --model when using --base-url")
         api_key = None
         if opts.api_key_env:
             api_key = os.environ.get(opts.api_key_env)
@@ -73,12 +75,15 @@ def build_backend(opts: BackendOptions, *, announce: bool = True) -> Backend:
                 raise ConfigError("api_key_env", f"environment variable {opts.api_key_env} is not set or empty")
         return OpenAIBackend(
             list(opts.base_url),
-            model=opts.model,
+            model=opts.model or "",
             api_key=api_key,
             tokenizer=opts.tokenizer,
             max_concurrency=opts.max_concurrency or 64,
             timeout=opts.timeout,
+            routing="least-busy" if opts.routing == "least-busy" else "affinity",
         )
+    if opts.routing != "affinity":
+        raise ConfigError("routing", "--routing applies to the remote backend only (give --base-url)")
     if kind == "local":
         from markov_rsa.backends.transformers import TransformersBackend
 

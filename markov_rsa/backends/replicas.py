@@ -2,8 +2,12 @@
 
 A request with an affinity key (one run's problem) goes to the replica that rendezvous hashing
 assigns that key, so the run's prompts, which all start with the same problem text, meet a warm
-prefix cache there; it goes elsewhere only when that replica is out of rotation or clearly
-busier than the least busy one. Without a key, the least busy live replica is chosen. A replica
+prefix cache there, but only while that replica queues no more than the others: where a server
+says how many requests it runs at once (llama.cpp's ``total_slots``), a replica whose slots are
+full spills to the next one in the key's order with a free slot, or else to the least loaded, so
+affinity never leaves a replica idle while another queues. Without slot counts, a replica is
+passed over once it carries ``slack`` more requests than the least busy. ``least-busy`` routing
+ignores keys. Without a key, the least busy live replica is chosen. A replica
 that fails ``eject_after`` times in a row leaves rotation for ``cooldown`` seconds.
 """
 
@@ -13,9 +17,11 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from markov_rsa.backends.retry import RetryPolicy
+
+Routing = Literal["affinity", "least-busy"]
 
 logger = logging.getLogger("markov_rsa.backends.replicas")
 
@@ -27,6 +33,13 @@ class Replica:
     consecutive_failures: int = 0
     down_until: float = 0.0
     served: int = 0
+    #: Requests the server runs at once, where it says (None: unknown).
+    slots: int | None = None
+
+    @property
+    def queued(self) -> int:
+        """Requests a request sent there now would wait behind for a slot (0 where slots are unknown)."""
+        return max(0, self.in_flight + 1 - self.slots) if self.slots is not None else 0
 
     @property
     def root(self) -> str:
@@ -40,10 +53,10 @@ class Replica:
 class ReplicaPool:
     """Chooses replicas and keeps their health; one per backend, shared by every run on it."""
 
-    def __init__(self, urls: list[str], policy: RetryPolicy, *, affinity: bool = True, slack: int = 16) -> None:
+    def __init__(self, urls: list[str], policy: RetryPolicy, *, routing: Routing = "affinity", slack: int = 16) -> None:
         self.replicas = [Replica(u) for u in urls]
         self.policy = policy
-        self.affinity = affinity
+        self.routing = routing
         #: How many more requests in flight than the least busy replica a preferred one may carry.
         self.slack = slack
 
@@ -59,13 +72,13 @@ class ReplicaPool:
         live = [r for r in self.replicas if r.live(now) and r is not avoid] or [
             r for r in self.replicas if r.live(now)]
         pool = live or [min(self.replicas, key=lambda r: r.down_until)]
-        least = min(pool, key=lambda r: (r.in_flight, r.served))
-        if key is None or not self.affinity or len(pool) == 1:
+        least = min(pool, key=lambda r: (r.queued, r.in_flight, r.served))
+        if key is None or self.routing == "least-busy" or len(pool) == 1:
             return least
-        # The key's replicas in rendezvous order: the first one not much busier than the least busy
-        # (so an overflow, too, lands on a stable replica that warms up for this key).
+        # The key's replicas in rendezvous order: the first that queues no more than the least loaded and
+        # is not much busier (so an overflow, too, lands on a stable replica that warms up for this key).
         for replica in self._ranked(key, pool):
-            if replica.in_flight <= least.in_flight + self.slack:
+            if replica.queued <= least.queued and replica.in_flight <= least.in_flight + self.slack:
                 return replica
         return least
 
@@ -90,5 +103,5 @@ class ReplicaPool:
 
     def status(self) -> list[dict[str, Any]]:
         now = time.monotonic()
-        return [{"url": r.url, "in_flight": r.in_flight, "served": r.served, "healthy": r.live(now)}
+        return [{"url": r.url, "in_flight": r.in_flight, "served": r.served, "healthy": r.live(now), "slots": r.slots}
                 for r in self.replicas]

@@ -33,12 +33,16 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class Timeouts:
-    """``silence``: seconds for the connect, and the longest wait for the next streamed chunk.
+    """``silence``: seconds of silence after a stream's first byte (and for a non-streamed reply).
+    ``connect``: seconds to open a connection.
     ``deadline``: seconds for a whole request, streaming included (``None``: no limit)."""
 
     silence: float = 600.0
     connect: float = 10.0
     deadline: float | None = None
+    #: Seconds a stream may wait for its first byte (a queue or a long prefill) while the server is
+    #: alive; ``None``: as long as the server answers its health check.
+    first_byte: float | None = None
 
 
 def parse_retry_after(value: str | None) -> float | None:

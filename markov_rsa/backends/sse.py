@@ -74,7 +74,7 @@ class StreamReader:
             return False
         try:
             data = json.loads(payload)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # nesting deeper than Python's stack: not a chunk
             raise MalformedReply("the server streamed a chunk that is not JSON") from None
         if not isinstance(data, dict):
             raise MalformedReply("the server streamed a chunk that is not an object")

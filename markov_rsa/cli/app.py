@@ -102,6 +102,7 @@ def solve(
     dtype: o.Dtype = "auto",
     max_concurrency: o.MaxConcurrency = None,
     timeout: o.Timeout = 600.0,
+    routing: o.RoutingFlag = "affinity",
     json_output: Annotated[bool, typer.Option("--json", help="Print the full result as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the answer.")] = False,
     log_level: LogLevel = "warning",
@@ -183,6 +184,7 @@ def eval_command(
     dtype: o.Dtype = "auto",
     max_concurrency: o.MaxConcurrency = None,
     timeout: o.Timeout = 600.0,
+    routing: o.RoutingFlag = "affinity",
     log_level: LogLevel = "warning",
     log_file: LogFile = None,
 ) -> None:
@@ -280,6 +282,7 @@ def serve(
     dtype: o.Dtype = "auto",
     max_concurrency: o.MaxConcurrency = None,
     timeout: o.Timeout = 600.0,
+    routing: o.RoutingFlag = "affinity",
     max_concurrent_runs: Annotated[int, typer.Option(
         help="RSA runs at once; more get HTTP 429 with Retry-After.")] = 16,
     log_level: LogLevel = "warning",

@@ -75,8 +75,11 @@ MaxConcurrency = Annotated[int | None, typer.Option(
     min=1, help="Most requests in flight at once: remote, open requests (default 64); local, rows in the running "
                 "batch (default 16).")]
 Timeout = Annotated[float, typer.Option(
-    help="Remote backend: seconds for the connect and the longest silence between streamed chunks (a generation "
-         "may stream far longer).")]
+    help="Remote backend: seconds for the connect and the longest silence once a reply has started (a generation "
+         "may stream far longer; a request queued on a busy server waits while the server answers /health).")]
+RoutingFlag = Annotated[Literal["affinity", "least-busy"], typer.Option(
+    "--routing", help="Remote backend with several --base-url: affinity sends a run's requests where its prompt "
+                      "prefix is cached while that replica has a free slot; least-busy ignores the prefix.")]
 
 
 ChunkMode = Annotated[ChunkModeName | None, typer.Option(
@@ -132,6 +135,7 @@ def backend_options(values: Mapping[str, Any], *, key_env_param: str = "api_key_
         api_key_env=values.get(key_env_param),
         tokenizer=values["tokenizer"], device=values["device"], dtype=values["dtype"],
         max_concurrency=values["max_concurrency"], timeout=values["timeout"],
+        routing=values.get("routing") or "affinity",
     )
 
 

@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from markov_rsa.backends.openai import scrub
+from markov_rsa.backends.openai import OpenAIBackend
 from markov_rsa.errors import (
     AuthenticationError,
     BackendRequestError,
@@ -44,6 +44,7 @@ from markov_rsa.rsa.events import RunFinished
 from markov_rsa.rsa.result import RSAResult
 from markov_rsa.rsa.tails import split_reasoning
 from markov_rsa.server.metrics import Metrics
+from markov_rsa.server.relay import relay, scrub
 from markov_rsa.server.replies import Reply, message, progress_comment, reply_chunks, reply_from_result, usage_body
 from markov_rsa.server.requests import ParsedRequest, RequestError, parse_request, plain_request, reject_constant
 from markov_rsa.server.settings import ServerSettings
@@ -129,11 +130,10 @@ class _Server:
     async def passthrough(self, parsed: ParsedRequest) -> Response:
         self.metrics.passthrough_total += 1
         backend = self.settings.backend
-        relay = getattr(backend, "relay", None)
-        if relay is None:
+        if not isinstance(backend, OpenAIBackend):
             return await self._local_passthrough(parsed)
         try:
-            relayed = await relay(parsed.body)
+            relayed = await relay(backend, parsed.body)
         except MarkovRSAError as exc:
             return self.backend_error(exc)
         if relayed.chunks is None:
