@@ -43,10 +43,11 @@ from markov_rsa.rsa.engine import MarkovianRSA
 from markov_rsa.rsa.events import RunFinished
 from markov_rsa.rsa.result import RSAResult
 from markov_rsa.rsa.tails import split_reasoning
+from markov_rsa.server.errors import RequestError
 from markov_rsa.server.metrics import Metrics
 from markov_rsa.server.relay import relay, scrub
 from markov_rsa.server.replies import Reply, message, progress_comment, reply_chunks, reply_from_result, usage_body
-from markov_rsa.server.requests import ParsedRequest, RequestError, parse_request, plain_request, reject_constant
+from markov_rsa.server.requests import ParsedRequest, parse_request, plain_request, reject_constant
 from markov_rsa.server.settings import ServerSettings
 
 logger = logging.getLogger("markov_rsa.server")
@@ -195,7 +196,7 @@ class _Server:
         if result is None:
             self.metrics.client_disconnects_total += 1
             return Response(status_code=499)
-        reply = reply_from_result(result, parsed.metadata)
+        reply = reply_from_result(result, parsed.metadata, parsed.all_final)
         return JSONResponse({**envelope.envelope("chat.completion"), "choices": reply.choices, "usage": reply.usage,
                              **reply.extra})
 
@@ -236,7 +237,7 @@ class _Server:
                 yield progress_comment(item)
                 if isinstance(item, RunFinished):
                     self.account(item.result)
-                    reply = reply_from_result(item.result, parsed.metadata)
+                    reply = reply_from_result(item.result, parsed.metadata, parsed.all_final)
                     for piece in reply_chunks(reply, envelope.envelope("chat.completion.chunk"),
                                               parsed.include_usage):
                         yield piece

@@ -69,10 +69,18 @@ def rsa_metadata(result: RSAResult) -> dict[str, Any]:
     }
 
 
-def reply_from_result(result: RSAResult, metadata: bool) -> Reply:
+def reply_from_result(result: RSAResult, metadata: bool, all_final: bool = False) -> Reply:
+    """The reply: the chosen answer, or with ``all_final`` (the reference proxy's bodies) every final
+    aggregation as a choice, the chosen one first."""
+    final = result.rounds[-1] if result.rounds and result.rounds[-1].kind == "final" else None
     if result.config.final == "population":
         choices = [{"index": i, "message": message(c.text, c.reasoning, c.tool_calls), "finish_reason": _finish(c)}
                    for i, c in enumerate(result.population)]
+    elif all_final and final is not None and result.selection == "final_aggregate":
+        ok = [c for c in final.candidates if c.ok]
+        ok.sort(key=lambda c: (result.selected != (c.round, c.index), c.index))
+        choices = [{"index": i, "message": message(c.text, c.reasoning, c.tool_calls), "finish_reason": _finish(c)}
+                   for i, c in enumerate(ok)]
     else:
         chosen = next((c for r in result.rounds for c in r.candidates if result.selected == (c.round, c.index)),
                       None)
