@@ -176,29 +176,67 @@ class _Server:
         self.metrics.prompt_tokens_total += result.usage.prompt_tokens
 
     async def rsa(self, request: Request, parsed: ParsedRequest) -> Response:
+        """Run RSA. The run holds one of ``max_concurrent_runs`` slots from admission to its last byte,
+        streamed or not. A non-streamed run that outlasts ``heartbeat`` seconds commits to HTTP 200 and
+        sends a newline every ``heartbeat`` seconds (JSON allows leading whitespace), so no client times
+        out and retries a run that is still working; an error after that point is an OpenAI error body."""
         limits = self.settings.limits
         if self.metrics.runs_in_flight >= limits.max_concurrent_runs:
             self.metrics.runs_rejected_total += 1
             return error_response(f"the server is running {limits.max_concurrent_runs} RSA runs; retry shortly", 429,
                                   kind="rate_limit_error", headers={"Retry-After": str(limits.retry_after)})
         self.metrics.runs_total += 1
+        slot = _RunSlot(self.metrics)
         envelope = _Envelope(self.settings.model_name)
         if parsed.stream:
-            return StreamingResponse(self._stream(parsed, envelope), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        self.metrics.runs_in_flight += 1
+            return _HeldResponse(slot, self._stream(parsed, envelope), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+        task = asyncio.create_task(self._solve(parsed))
         try:
-            result = await _unless_disconnected(request, self._solve(parsed))
-        except MarkovRSAError as exc:
-            return self.backend_error(exc)
-        finally:
-            self.metrics.runs_in_flight -= 1
-        if result is None:
+            settled = await _settle(request, task, self.settings.heartbeat)
+        except BaseException:
+            task.cancel()
+            slot.release()
+            raise
+        if settled is None:
+            slot.release()
             self.metrics.client_disconnects_total += 1
             return Response(status_code=499)
+        if settled:
+            slot.release()
+            try:
+                result = task.result()
+            except MarkovRSAError as exc:
+                return self.backend_error(exc)
+            return JSONResponse(self.completion(result, parsed, envelope))
+        return _HeldResponse(slot, self._json_when_done(task, parsed, envelope), media_type="application/json")
+
+    def completion(self, result: RSAResult, parsed: ParsedRequest, envelope: _Envelope) -> dict[str, Any]:
         reply = reply_from_result(result, parsed.metadata, parsed.all_final)
-        return JSONResponse({**envelope.envelope("chat.completion"), "choices": reply.choices, "usage": reply.usage,
-                             **reply.extra})
+        return {**envelope.envelope("chat.completion"), "choices": reply.choices, "usage": reply.usage, **reply.extra}
+
+    async def _json_when_done(self, task: asyncio.Task[RSAResult], parsed: ParsedRequest,
+                              envelope: _Envelope) -> AsyncIterator[str]:
+        """Newlines until the run ends, then its reply (or an error body); leaving cancels the run."""
+        finished = False
+        try:
+            yield "\n"
+            while not (await asyncio.wait({task}, timeout=self.settings.heartbeat))[0]:
+                yield "\n"
+            try:
+                body = json.dumps(self.completion(task.result(), parsed, envelope))
+            except MarkovRSAError as exc:
+                body = bytes(self.backend_error(exc).body).decode()
+            except Exception:
+                logger.exception("an RSA run failed after its reply had started")
+                body = bytes(error_response("the run failed; the operator has the details", 500,
+                                            kind="server_error").body).decode()
+            finished = True
+            yield body
+        finally:
+            if not finished:
+                self.metrics.client_disconnects_total += 1
+                task.cancel()
 
     async def _solve(self, parsed: ParsedRequest) -> RSAResult:
         async with contextlib.aclosing(self.events(parsed)) as events:
@@ -211,8 +249,8 @@ class _Server:
     async def _stream(self, parsed: ParsedRequest, envelope: _Envelope) -> AsyncIterator[str]:
         """Progress comments, then the reply. Runs the engine in a task of its own, so a disconnect (which
         cancels this generator, possibly again and again) cancels the run exactly once and the run's
-        cleanup (its upstream connections) completes undisturbed."""
-        self.metrics.runs_in_flight += 1
+        cleanup (its upstream connections) completes undisturbed. While nothing happens (a silent
+        upstream), an SSE comment every ``heartbeat`` seconds keeps the connection alive."""
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
         async def produce() -> None:
@@ -229,7 +267,11 @@ class _Server:
         finished = False
         try:
             while True:
-                item = await queue.get()
+                try:
+                    item = await asyncio.wait_for(queue.get(), self.settings.heartbeat)
+                except asyncio.TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
                 if item is None:
                     break
                 if isinstance(item, BaseException):
@@ -246,7 +288,6 @@ class _Server:
             yield f"data: {bytes(self.backend_error(exc).body).decode()}\n\n"  # the body is JSON already
             finished = True
         finally:
-            self.metrics.runs_in_flight -= 1
             if not finished:
                 self.metrics.client_disconnects_total += 1
                 task.cancel()
@@ -278,22 +319,52 @@ async def _released(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             await asyncio.shield(aclose())
 
 
-async def _unless_disconnected(request: Request, work: Any) -> Any:
-    """Run ``work``; if the client goes away first, cancel it (once) and return None."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.shield(task)
-                return None
-    finally:
-        if not task.done():
+async def _settle(request: Request, task: asyncio.Task[Any], wait: float) -> bool | None:
+    """Wait up to ``wait`` seconds for ``task``: True when it is done, False when it is still running,
+    None when the client went away first (the task is then cancelled)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        done, _ = await asyncio.wait({task}, timeout=min(0.25, remaining))
+        if done:
+            return True
+        if await request.is_disconnected():
             task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            return None
+
+
+class _RunSlot:
+    """One of ``max_concurrent_runs``, taken at admission and given back exactly once."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._held = True
+        metrics.runs_in_flight += 1
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._metrics.runs_in_flight -= 1
+
+
+class _HeldResponse(StreamingResponse):
+    """A streamed reply that gives its run's slot back however it ends, even if its body never starts
+    (a client that leaves before the first byte)."""
+
+    def __init__(self, slot: _RunSlot, content: AsyncIterator[str], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.slot = slot
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
 
 
 def create_app(settings: ServerSettings) -> Starlette:

@@ -40,3 +40,6 @@ class ServerSettings:
     limits: ServerLimits = field(default_factory=ServerLimits)
     #: Host header values accepted besides loopback names when no token is required.
     allowed_hosts: tuple[str, ...] = ()
+    #: Seconds of silence after which a run sends a keep-alive (a newline before a JSON reply, an SSE
+    #: comment in a stream), so clients with read timeouts above it never give up on a working run.
+    heartbeat: float = 5.0
