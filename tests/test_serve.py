@@ -181,12 +181,13 @@ def test_rsa_serve_command_binds_loopback_and_requires_its_token(upstream):
     process = subprocess.Popen(
         [sys.executable, "-m", "markov_rsa.cli.app", "serve", "--port", str(port), "--base-url", upstream,
          "--model", "smollm2", "--api-key-env", "SERVE_TOKEN", "--preset", "light"],
-        env={**__import__("os").environ, "SERVE_TOKEN": "tok-123"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**__import__("os").environ, "SERVE_TOKEN": "tok-123-abcdefghijkl"}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         wait_until_up(f"http://127.0.0.1:{port}/health", process=process, timeout=60)
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
-        ok = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer tok-123"})
+        ok = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer tok-123-abcdefghijkl"})
         assert ok.status_code == 200
         listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
         assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening

@@ -45,9 +45,10 @@ from markov_rsa.rsa.result import RSAResult
 from markov_rsa.rsa.tails import split_reasoning
 from markov_rsa.server.errors import RequestError
 from markov_rsa.server.metrics import Metrics
-from markov_rsa.server.relay import relay, scrub
+from markov_rsa.server.privacy import scrub, upstream_status
+from markov_rsa.server.relay import relay
 from markov_rsa.server.replies import Reply, message, progress_comment, reply_chunks, reply_from_result, usage_body
-from markov_rsa.server.requests import ParsedRequest, parse_request, plain_request, reject_constant
+from markov_rsa.server.requests import ParsedRequest, finite_float, parse_request, plain_request, reject_constant
 from markov_rsa.server.settings import ServerSettings
 
 logger = logging.getLogger("markov_rsa.server")
@@ -63,9 +64,17 @@ def error_response(message_text: str, status: int, *, param: str | None = None,
 
 
 def _host_name(header: str) -> str:
+    """The host of a ``Host`` header, lower-cased; empty where the header is not a host and optional port
+    (``[::1]evil.com`` is no loopback name)."""
+    header = header.strip().lower()
     if header.startswith("["):
-        return header[: header.find("]") + 1]
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+        end = header.find("]")
+        rest = header[end + 1:] if end > 0 else "x"
+        return header[: end + 1] if not rest or (rest[0] == ":" and rest[1:].isdigit()) else ""
+    if header.count(":") == 1:
+        name, port = header.split(":")
+        return name if port.isdigit() else ""
+    return header
 
 
 class _Server:
@@ -95,23 +104,36 @@ class _Server:
         return None
 
     async def body(self, request: Request) -> Any:
-        limit = self.settings.limits.max_body_bytes
+        limits = self.settings.limits
+        limit = limits.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             raise RequestError(f"the request body is larger than {limit} bytes", status=413)
         data = bytearray()
-        async for piece in request.stream():
-            data += piece
-            if len(data) > limit:
-                raise RequestError(f"the request body is larger than {limit} bytes", status=413)
+
+        async def read() -> None:
+            async for piece in request.stream():
+                data.extend(piece)
+                if len(data) > limit:
+                    raise RequestError(f"the request body is larger than {limit} bytes", status=413)
+
         try:
-            return json.loads(bytes(data), parse_constant=reject_constant)
+            await asyncio.wait_for(read(), limits.body_seconds)
+        except asyncio.TimeoutError:
+            raise RequestError(f"the request body took longer than {limits.body_seconds:.0f}s to arrive",
+                               status=408) from None
+        try:
+            return json.loads(bytes(data), parse_constant=reject_constant, parse_float=finite_float)
+        except RecursionError:
+            raise RequestError("the request body is nested too deeply") from None
         except (ValueError, UnicodeDecodeError):
             raise RequestError("the request body is not valid JSON") from None
 
     # -- errors ---------------------------------------------------------------------------------
     def backend_error(self, exc: MarkovRSAError) -> JSONResponse:
-        """A backend failure as a client may see it: their own mistakes in full, upstream trouble generic."""
+        """A backend failure as a client may see it: their own mistakes with the upstream's status and a
+        scrubbed message, upstream trouble generic (a missing model stays a 404, a persistent 429 a 429
+        with Retry-After, so SDKs neither retry the first nor miss the second)."""
         if isinstance(exc, ConfigError):
             return error_response(str(exc), 400, param=exc.field)
         self.metrics.upstream_errors_total += 1
@@ -119,10 +141,19 @@ class _Server:
             logger.error("the upstream server rejected this server's credentials: %s", exc)
             return error_response("the upstream model server refused this server's credentials; the operator "
                                   "has the details", 502, kind="upstream_error")
-        code = exc.status_code if isinstance(exc, BackendRequestError) else None
-        if code is not None and 400 <= code < 500 and not isinstance(exc, ModelNotFoundError):
+        if isinstance(exc, ModelNotFoundError):
+            logger.error("the upstream has no such model or route: %s", exc)
+            return error_response("the upstream model server does not serve this model or route; the operator "
+                                  "has the details", 404, kind="not_found_error", code="model_not_found")
+        code = exc.status_code if isinstance(exc, BackendRequestError) else upstream_status(str(exc))
+        if code is not None and 400 <= code < 500 and isinstance(exc, BackendRequestError):
             logger.info("upstream refused a request: %s", exc)  # the client's to fix: its status and message
             return error_response(scrub(str(exc).split("): ", 1)[-1]), code)
+        if code == 429:
+            logger.warning("upstream rate limit persisted through the retries: %s", exc)
+            retry = str(self.settings.limits.retry_after)
+            return error_response("the upstream model server is rate limiting; retry shortly", 429,
+                                  kind="rate_limit_error", headers={"Retry-After": retry})
         logger.warning("upstream failure: %s", exc)
         return error_response("the upstream model server is unavailable; try again later", 502,
                               kind="upstream_error")
@@ -399,7 +430,15 @@ def create_app(settings: ServerSettings) -> Starlette:
         return PlainTextResponse(server.metrics.render(backend),
                                  media_type="text/plain; version=0.0.4")
 
-    app = Starlette(routes=[
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error_response(f"no route {request.method} {request.url.path} on this server", 404,
+                              kind="not_found_error")
+
+    async def wrong_method(request: Request, exc: Exception) -> Response:
+        return error_response(f"{request.url.path} does not take {request.method}", 405,
+                              kind="invalid_request_error")
+
+    app = Starlette(exception_handlers={404: not_found, 405: wrong_method}, routes=[
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),

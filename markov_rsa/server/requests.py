@@ -18,6 +18,7 @@ The reference proxy's fields (``rsa_n``...) run what the proxy runs (:mod:`~mark
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -69,6 +70,14 @@ class ParsedRequest:
 def reject_constant(name: str) -> Any:
     """``json.loads`` hook: NaN and infinities are not JSON numbers a request may carry."""
     raise RequestError(f"the request body holds {name}, which is not a valid JSON number")
+
+
+def finite_float(text: str) -> float:
+    """``json.loads`` hook: a number too large for a float (``1e400``) is refused, not read as infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise RequestError(f"the request body holds {text}, which is too large a number")
+    return value
 
 
 def _number(body: dict[str, Any], name: str, kind: type, *, minimum: float | None = None) -> Any:
@@ -224,6 +233,7 @@ def _rsa_request(body: dict[str, Any], settings: ServerSettings, plan: ProxyPlan
     except TypeError as exc:
         raise RequestError(f"invalid RSA settings: {exc}", "rsa") from None
     _check_limits(config, settings.limits, origin)
+    _check_amplification(config, settings.limits, origin, len(json.dumps(messages)) + len(json.dumps(tools)))
 
     last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
     ignored = tuple(sorted(k for k in body if k not in HANDLED))
@@ -235,6 +245,23 @@ def _rsa_request(body: dict[str, Any], settings: ServerSettings, plan: ProxyPlan
         extra={k: body[k] for k in FORWARDED if body.get(k) is not None}, ignored=ignored,
         all_final=plan is not None,
     )
+
+
+def _check_amplification(config: RSAConfig, limits: ServerLimits, origin: dict[str, str], prompt_bytes: int
+                         ) -> None:
+    """Bound what one request makes the server send upstream: requests (every generation, chunk and
+    retry) and bytes (the conversation goes into every request)."""
+    requests = config.generations * config.effective_max_chunks * (1 + config.candidate_retries)
+    if requests > limits.max_requests_per_run:
+        param = origin.get("chunk_size") or origin.get("population", "population")
+        raise RequestError(f"{param}: this run could make {requests} upstream requests (generations x chunks x "
+                           f"tries); at most {limits.max_requests_per_run} per run on this server", param)
+    sent = prompt_bytes * config.generations * config.effective_max_chunks
+    if sent > limits.max_upstream_bytes_per_run:
+        raise RequestError(f"messages: this run would send about {sent // 2**20} MiB upstream (the conversation "
+                           f"goes into each of its {config.generations * config.effective_max_chunks} requests); "
+                           f"at most {limits.max_upstream_bytes_per_run // 2**20} MiB per run on this server",
+                           "messages")
 
 
 def _check_limits(config: RSAConfig, limits: ServerLimits, origin: dict[str, str]) -> None:
