@@ -23,8 +23,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -49,6 +49,7 @@ from markov_rsa.server.privacy import scrub, upstream_status
 from markov_rsa.server.relay import relay
 from markov_rsa.server.replies import Reply, message, progress_comment, reply_chunks, reply_from_result, usage_body
 from markov_rsa.server.requests import ParsedRequest, finite_float, parse_request, plain_request, reject_constant
+from markov_rsa.server.responses import ResponsesShape, chat_body
 from markov_rsa.server.settings import ServerSettings
 
 logger = logging.getLogger("markov_rsa.server")
@@ -192,6 +193,25 @@ class _Server:
                                                            parsed.include_usage)), media_type="text/event-stream")
         return JSONResponse({**handler.envelope("chat.completion"), "choices": reply.choices, "usage": reply.usage})
 
+    async def responses_passthrough(self, raw: dict[str, Any], parsed: ParsedRequest, shape: Shape) -> Response:
+        """A Responses request without RSA: one generation, written as a Response."""
+        self.metrics.passthrough_total += 1
+        try:
+            gen = await self.settings.backend.generate(plain_request(parsed.body, self.settings))
+        except RequestError as exc:
+            return error_response(str(exc), exc.status, param=exc.param)
+        except MarkovRSAError as exc:
+            return self.backend_error(exc)
+        split = split_reasoning(gen)
+        reasoned = gen.reasoning is not None or "</think>" in gen.text
+        text, reasoning = (split.answer, split.reasoning) if reasoned else (gen.text, None)
+        calls = [dict(c) for c in gen.tool_calls] if gen.tool_calls else None
+        reply = Reply([{"index": 0, "message": message(text, reasoning, calls), "finish_reason": gen.finish_reason}],
+                      usage_body(gen.prompt_tokens, gen.completion_tokens, gen.reasoning_tokens or 0), {})
+        if parsed.stream:
+            return StreamingResponse(_iterate(shape.chunks(reply, False)), media_type="text/event-stream")
+        return JSONResponse(shape.body(reply))
+
     # -- RSA ------------------------------------------------------------------------------------
     def engine(self, parsed: ParsedRequest) -> MarkovianRSA:
         assert parsed.config is not None
@@ -206,7 +226,7 @@ class _Server:
         self.metrics.completion_tokens_total += result.usage.generated_tokens
         self.metrics.prompt_tokens_total += result.usage.prompt_tokens
 
-    async def rsa(self, request: Request, parsed: ParsedRequest) -> Response:
+    async def rsa(self, request: Request, parsed: ParsedRequest, shape: Shape | None = None) -> Response:
         """Run RSA. The run holds one of ``max_concurrent_runs`` slots from admission to its last byte,
         streamed or not. A non-streamed run that outlasts ``heartbeat`` seconds commits to HTTP 200 and
         sends a newline every ``heartbeat`` seconds (JSON allows leading whitespace), so no client times
@@ -218,9 +238,9 @@ class _Server:
                                   kind="rate_limit_error", headers={"Retry-After": str(limits.retry_after)})
         self.metrics.runs_total += 1
         slot = _RunSlot(self.metrics)
-        envelope = _Envelope(self.settings.model_name)
+        shape = shape or _ChatShape(self.settings.model_name)
         if parsed.stream:
-            return _HeldResponse(slot, self._stream(parsed, envelope), media_type="text/event-stream",
+            return _HeldResponse(slot, self._stream(parsed, shape), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
         task = asyncio.create_task(self._solve(parsed))
         try:
@@ -239,15 +259,11 @@ class _Server:
                 result = task.result()
             except MarkovRSAError as exc:
                 return self.backend_error(exc)
-            return JSONResponse(self.completion(result, parsed, envelope))
-        return _HeldResponse(slot, self._json_when_done(task, parsed, envelope), media_type="application/json")
-
-    def completion(self, result: RSAResult, parsed: ParsedRequest, envelope: _Envelope) -> dict[str, Any]:
-        reply = reply_from_result(result, parsed.metadata, parsed.all_final)
-        return {**envelope.envelope("chat.completion"), "choices": reply.choices, "usage": reply.usage, **reply.extra}
+            return JSONResponse(shape.body(reply_from_result(result, parsed.metadata, parsed.all_final)))
+        return _HeldResponse(slot, self._json_when_done(task, parsed, shape), media_type="application/json")
 
     async def _json_when_done(self, task: asyncio.Task[RSAResult], parsed: ParsedRequest,
-                              envelope: _Envelope) -> AsyncIterator[str]:
+                              shape: Shape) -> AsyncIterator[str]:
         """Newlines until the run ends, then its reply (or an error body); leaving cancels the run."""
         finished = False
         try:
@@ -255,7 +271,7 @@ class _Server:
             while not (await asyncio.wait({task}, timeout=self.settings.heartbeat))[0]:
                 yield "\n"
             try:
-                body = json.dumps(self.completion(task.result(), parsed, envelope))
+                body = json.dumps(shape.body(reply_from_result(task.result(), parsed.metadata, parsed.all_final)))
             except MarkovRSAError as exc:
                 body = bytes(self.backend_error(exc).body).decode()
             except Exception:
@@ -277,7 +293,7 @@ class _Server:
                     return event.result
         raise RuntimeError("run ended without a result")  # pragma: no cover
 
-    async def _stream(self, parsed: ParsedRequest, envelope: _Envelope) -> AsyncIterator[str]:
+    async def _stream(self, parsed: ParsedRequest, shape: Shape) -> AsyncIterator[str]:
         """Progress comments, then the reply. Runs the engine in a task of its own, so a disconnect (which
         cancels this generator, possibly again and again) cancels the run exactly once and the run's
         cleanup (its upstream connections) completes undisturbed. While nothing happens (a silent
@@ -311,17 +327,41 @@ class _Server:
                 if isinstance(item, RunFinished):
                     self.account(item.result)
                     reply = reply_from_result(item.result, parsed.metadata, parsed.all_final)
-                    for piece in reply_chunks(reply, envelope.envelope("chat.completion.chunk"),
-                                              parsed.include_usage):
+                    for piece in shape.chunks(reply, parsed.include_usage):
                         yield piece
             finished = True
         except MarkovRSAError as exc:
-            yield f"data: {bytes(self.backend_error(exc).body).decode()}\n\n"  # the body is JSON already
+            yield shape.error_chunk(json.loads(bytes(self.backend_error(exc).body)))
             finished = True
         finally:
             if not finished:
                 self.metrics.client_disconnects_total += 1
                 task.cancel()
+
+
+class Shape(Protocol):
+    """How a run's reply is written: a chat completion, or a Response (:mod:`~markov_rsa.server.responses`)."""
+
+    def body(self, reply: Reply) -> dict[str, Any]: ...
+
+    def chunks(self, reply: Reply, include_usage: bool) -> Iterator[str]: ...
+
+    def error_chunk(self, error: dict[str, Any]) -> str: ...
+
+
+class _ChatShape:
+    def __init__(self, model: str) -> None:
+        self.envelope = _Envelope(model)
+
+    def body(self, reply: Reply) -> dict[str, Any]:
+        return {**self.envelope.envelope("chat.completion"), "choices": reply.choices, "usage": reply.usage,
+                **reply.extra}
+
+    def chunks(self, reply: Reply, include_usage: bool) -> Iterator[str]:
+        return reply_chunks(reply, self.envelope.envelope("chat.completion.chunk"), include_usage)
+
+    def error_chunk(self, error: dict[str, Any]) -> str:
+        return f"data: {json.dumps(error)}\n\n"
 
 
 class _Envelope:
@@ -419,6 +459,19 @@ def create_app(settings: ServerSettings) -> Starlette:
             return await server.passthrough(parsed)
         return await server.rsa(request, parsed)
 
+    async def responses(request: Request) -> Response:
+        if (refused := server.guard(request, post=True)) is not None:
+            return refused
+        try:
+            raw = await server.body(request)
+            parsed = parse_request(chat_body(raw), settings)
+        except RequestError as exc:
+            return error_response(str(exc), exc.status, param=exc.param, kind=exc.kind)
+        shape = ResponsesShape(raw, settings.model_name)
+        if parsed.config is None:
+            return await server.responses_passthrough(raw, parsed, shape)
+        return await server.rsa(request, parsed, shape)
+
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "runs_in_flight": server.metrics.runs_in_flight})
 
@@ -440,6 +493,7 @@ def create_app(settings: ServerSettings) -> Starlette:
 
     app = Starlette(exception_handlers={404: not_found, 405: wrong_method}, routes=[
         Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
