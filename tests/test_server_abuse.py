@@ -116,6 +116,10 @@ def test_unknown_routes_and_wrong_methods_get_openai_error_bodies():
     with serve_app(create_app(scripted())) as url:
         missing = httpx.get(f"{url}/v1/nothing-here")
         wrong = httpx.get(f"{url}/v1/chat/completions")
+        served = openai.OpenAI(base_url=f"{url}/v1", api_key="x").models.retrieve("markov-rsa")
+        with pytest.raises(openai.NotFoundError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).models.retrieve("other")
+    assert served.id == "markov-rsa"
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
     assert wrong.status_code == 405 and "GET" in wrong.json()["error"]["message"]
 

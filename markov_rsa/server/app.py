@@ -1,17 +1,19 @@
-"""The OpenAI-compatible app: pass-through chat, Markovian RSA on request, health and metrics.
+"""The OpenAI-compatible app: pass-through, Markovian RSA on request, health and metrics.
 
 A request without RSA fields goes upstream as it came and its reply comes back unchanged (status
 codes too), streamed or not; only the upstream's address and internals are kept from the client.
-RSA requests (:mod:`~markov_rsa.server.requests`) run the engine; with ``stream: true`` progress
-arrives as SSE comment lines (``: rsa {...}``), which stock clients skip, then the answer or the
-chosen tool calls as standard chunks.
+RSA requests (:mod:`~markov_rsa.server.requests`, :mod:`~markov_rsa.server.proxy`) run the engine,
+over chat completions or the Responses API (:mod:`~markov_rsa.server.responses`); with
+``stream: true`` progress arrives as SSE comment lines (``: rsa {...}``), which stock clients skip,
+then the answer or the chosen tool calls as standard chunks or events. A run that is silent for
+``heartbeat`` seconds keeps its connection alive (SSE comments; newlines before a JSON reply).
 
 Safe by default: without a token the server takes only ``application/json`` bodies and requests
 whose ``Host`` is a loopback name (no cross-site posts, no DNS rebinding); bodies, populations,
-rounds, budgets, retries and concurrent runs are capped (:class:`ServerLimits`); a client that
-disconnects cancels its run, and its upstream connections are released. Upstream addresses,
-credentials and raw upstream error bodies never reach a client: an upstream that rejects this
-server's key is a 502 with a generic message, the detail going to the server log.
+rounds, budgets, retries, upstream requests and bytes per run, and concurrent runs (streamed or not)
+are capped (:class:`ServerLimits`); a client that disconnects cancels its run, and its upstream
+connections are released. Upstream addresses, credentials and raw upstream error text never reach a
+client (:mod:`~markov_rsa.server.privacy`); upstream 404s and persistent 429s keep their status.
 """
 
 from __future__ import annotations
@@ -448,6 +450,16 @@ def create_app(settings: ServerSettings) -> Starlette:
         return JSONResponse({"object": "list", "data": [
             {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "markov-rsa"}]})
 
+    async def model(request: Request) -> Response:
+        if (refused := server.guard(request, post=False)) is not None:
+            return refused
+        name = request.path_params["name"]
+        if name != settings.model_name:
+            return error_response(f"the model {name!r} does not exist on this server (it serves "
+                                  f"{settings.model_name!r})", 404, param="model", kind="not_found_error",
+                                  code="model_not_found")
+        return JSONResponse({"id": name, "object": "model", "created": 0, "owned_by": "markov-rsa"})
+
     async def chat(request: Request) -> Response:
         if (refused := server.guard(request, post=True)) is not None:
             return refused
@@ -495,6 +507,7 @@ def create_app(settings: ServerSettings) -> Starlette:
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/responses", responses, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{name:path}", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ])
