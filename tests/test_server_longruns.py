@@ -148,3 +148,18 @@ def test_sigterm_drains_runs_for_a_bounded_time(thinking, drain, answered):
                 process.kill()
     assert process.returncode is not None and time.monotonic() - started < drain + 10
     assert ("text" in outcome) is answered, outcome
+
+
+def test_a_client_that_leaves_during_the_keep_alive_cancels_its_run_and_frees_its_slot():
+    backend = ScriptedBackend(answer, delay=5)
+    settings = ServerSettings(backend=backend, config=SMALL, heartbeat=0.1)
+    with serve_app(create_app(settings)) as url:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=10,
+                          json={"messages": HELLO, "extended_compute": True}) as reply:
+            first = next(reply.iter_raw())
+        assert reply.status_code == 200 and first.strip() == b""
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{url}/health").json()["runs_in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"{url}/health").json()["runs_in_flight"] == 0
+        assert backend.cancelled == SMALL.population and len(backend.requests) == SMALL.population
