@@ -48,7 +48,8 @@ from markov_rsa.rsa.tails import split_reasoning
 from markov_rsa.server.errors import RequestError
 from markov_rsa.server.metrics import Metrics
 from markov_rsa.server.privacy import scrub, upstream_status
-from markov_rsa.server.relay import relay
+from markov_rsa.server.proxy import PROXY_NAMES
+from markov_rsa.server.relay import Relayed, relay
 from markov_rsa.server.replies import Reply, message, progress_comment, reply_chunks, reply_from_result, usage_body
 from markov_rsa.server.requests import ParsedRequest, finite_float, parse_request, plain_request, reject_constant
 from markov_rsa.server.responses import ResponsesShape, chat_body
@@ -167,14 +168,34 @@ class _Server:
         backend = self.settings.backend
         if not isinstance(backend, OpenAIBackend):
             return await self._local_passthrough(parsed)
+        return await self.relayed(backend, parsed.body, "/chat/completions")
+
+    async def relayed(self, backend: OpenAIBackend, body: dict[str, Any], path: str,
+                      relayed: Relayed | None = None) -> Response:
+        """The upstream's reply to ``body`` at ``path``, as the client gets it."""
         try:
-            relayed = await relay(backend, parsed.body)
+            relayed = relayed or await relay(backend, body, path)
         except MarkovRSAError as exc:
             return self.backend_error(exc)
         if relayed.chunks is None:
             return JSONResponse(relayed.body, status_code=relayed.status)
         return StreamingResponse(_released(relayed.chunks), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+
+    async def completions(self, body: Any) -> Response:
+        """Text completions pass through; RSA runs take chat or Responses requests."""
+        if not isinstance(body, dict):
+            return error_response("the request body must be a JSON object", 400)
+        for name in ("extended_compute", "rsa", *PROXY_NAMES):
+            if name in body:
+                return error_response(f"{name}: RSA runs take /v1/chat/completions or /v1/responses requests; "
+                                      "/v1/completions passes through only", 400, param=name)
+        backend = self.settings.backend
+        if not isinstance(backend, OpenAIBackend):
+            return error_response("this server has no upstream for text completions; use /v1/chat/completions",
+                                  404, kind="not_found_error")
+        self.metrics.passthrough_total += 1
+        return await self.relayed(backend, body, "/completions")
 
     async def _local_passthrough(self, parsed: ParsedRequest) -> Response:
         """A backend without an upstream (the local model): one generation from the request's fields."""
@@ -196,8 +217,18 @@ class _Server:
         return JSONResponse({**handler.envelope("chat.completion"), "choices": reply.choices, "usage": reply.usage})
 
     async def responses_passthrough(self, raw: dict[str, Any], parsed: ParsedRequest, shape: Shape) -> Response:
-        """A Responses request without RSA: one generation, written as a Response."""
+        """A Responses request without RSA: relayed to an upstream that serves the Responses API; where
+        the upstream has none (or there is no upstream), one chat generation written as a Response."""
         self.metrics.passthrough_total += 1
+        backend = self.settings.backend
+        if isinstance(backend, OpenAIBackend):
+            try:
+                relayed = await relay(backend, raw, "/responses")
+            except MarkovRSAError as exc:
+                return self.backend_error(exc)
+            if relayed.status != 404:
+                return await self.relayed(backend, raw, "/responses", relayed)
+            logger.info("the upstream has no Responses API; running the request as one chat generation")
         try:
             gen = await self.settings.backend.generate(plain_request(parsed.body, self.settings))
         except RequestError as exc:
@@ -484,6 +515,15 @@ def create_app(settings: ServerSettings) -> Starlette:
             return await server.responses_passthrough(raw, parsed, shape)
         return await server.rsa(request, parsed, shape)
 
+    async def completions(request: Request) -> Response:
+        if (refused := server.guard(request, post=True)) is not None:
+            return refused
+        try:
+            body = await server.body(request)
+        except RequestError as exc:
+            return error_response(str(exc), exc.status, param=exc.param, kind=exc.kind)
+        return await server.completions(body)
+
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "runs_in_flight": server.metrics.runs_in_flight})
 
@@ -506,6 +546,7 @@ def create_app(settings: ServerSettings) -> Starlette:
     app = Starlette(exception_handlers={404: not_found, 405: wrong_method}, routes=[
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/responses", responses, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{name:path}", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
