@@ -8,6 +8,8 @@ shared machine drift. Sections:
      and several problems at once (``bench/ragged.py``), peak memory
   4. tail cost: prompt tokens of aggregation requests against the |q| + K·τ bound
   5. grading throughput and the harness's own overhead per problem
+  6. long streamed rollouts, requests per candidate, prefix-cache affinity
+  7. ``rsa serve`` with its default settings: 8 concurrent N=16 runs against the critical path
 """
 
 from __future__ import annotations
@@ -157,6 +159,72 @@ def bench_streaming() -> dict[str, Any]:
     without, _ = asyncio.run(replica_cache_hits(False, problems))
     return {"per_candidate": per_candidate, "stream_wall": wall, "stream_critical": critical,
             "stream_generation": generation, "hits_affinity": with_affinity, "hits_plain": without}
+
+
+# -- 7. rsa serve -------------------------------------------------------------------------------------
+def bench_serve() -> dict[str, Any]:
+    """8 concurrent extended-compute requests (the default preset: N=16, K=4, T=2) through ``rsa serve``
+    as its own process with default settings, over the delay server; and with the earlier default of 64
+    upstream connections, side by side."""
+    import httpx
+
+    from markov_rsa.rsa.config import PRESETS
+
+    delay, runs = 0.5, 8
+    preset = PRESETS["zaya-16k"].values
+    critical = (preset["rounds"] + 1) * delay
+    rows = []
+    with delay_server(delay) as upstream:
+        for label, flags in (("defaults", []), ("--max-concurrency 64 (the earlier default)",
+                                                ["--max-concurrency", "64"])):
+            port = free_port()
+            process = subprocess.Popen([sys.executable, "-m", "markov_rsa.cli.app", "serve", "--port", str(port),
+                                        "--base-url", upstream, "--model", "m", *flags], cwd=ROOT)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                wait_until_up(f"{url}/health", process=process)
+
+                async def ask(client: httpx.AsyncClient, i: int, url: str = url) -> float:
+                    started = time.perf_counter()
+                    reply = await client.post(f"{url}/v1/chat/completions", json={
+                        "messages": [{"role": "user", "content": f"Problem {i}: what is {i} + 1?"}],
+                        "extended_compute": True})
+                    reply.raise_for_status()
+                    return time.perf_counter() - started
+
+                async def burst() -> tuple[float, list[float]]:
+                    async with httpx.AsyncClient(timeout=600) as client:
+                        await ask(client, -1)  # warm up: the upstream probe and connection pools
+                        started = time.perf_counter()
+                        each = await asyncio.gather(*(ask(client, i) for i in range(runs)))
+                        return time.perf_counter() - started, list(each)
+
+                server_cpu = psutil.Process(process.pid)
+                cpu_before = sum(server_cpu.cpu_times()[:2])
+                wall, each = asyncio.run(burst())
+                cpu = sum(server_cpu.cpu_times()[:2]) - cpu_before
+            finally:
+                process.terminate()
+                process.wait()
+            rows.append([label, runs, f"{wall:.2f}s", f"{max(each):.2f}s", f"{cpu:.2f}s", f"{critical:.2f}s",
+                         f"**{wall / critical:.2f}**"])
+
+        # The same runs in this process, without rsa serve: what the upstream and the machine allow.
+        async def in_process() -> float:
+            backend = OpenAIBackend(upstream, model="m", max_concurrency=16 * runs)
+            cfg = RSAConfig.from_preset("zaya-16k", task="generic")
+            await MarkovianRSA(backend, cfg).solve("warm up")
+            started = time.perf_counter()
+            await asyncio.gather(*(MarkovianRSA(backend, cfg).solve(f"Problem {i}: what is {i} + 1?")
+                                   for i in range(runs)))
+            wall = time.perf_counter() - started
+            await backend.aclose()
+            return wall
+
+        wall = asyncio.run(in_process())
+        rows.append(["the engine in one process, no server (baseline)", runs, f"{wall:.2f}s", "–", "–",
+                     f"{critical:.2f}s", f"**{wall / critical:.2f}**"])
+    return {"rows": rows, "load": os.getloadavg()[0]}
 
 
 # -- 2. scale -----------------------------------------------------------------------------------------
@@ -514,6 +582,20 @@ def write_markdown(results: dict[str, Any]) -> str:
             "and in cache hits; its cache gain (section 6) holds while replicas have free slots, and here it no "
             "longer leaves a replica idle (before, a run went to one replica whatever its queue).",
         ]
+    if "serve" in results:
+        parts += [
+            "## 8. `rsa serve` under concurrent runs",
+            "Eight concurrent extended-compute requests (the default preset zaya-16k: N=16, K=4, T=2) through "
+            "`rsa serve` run as its own process with its default settings, over the delay server (0.5 s per "
+            "request, its own process). Critical path = 3 rounds × 0.5 s; ratio = wall / critical path, target "
+            "≤ 1.3. The second row holds the upstream connections at 64 (the default before it was derived "
+            "from `--max-concurrent-runs` × population): 8 runs × 16 candidates queue behind 64. *server CPU* "
+            "is the `rsa serve` process's CPU time during the burst. The last row runs the same eight runs in one "
+            "process without `rsa serve`: what the loopback upstream and the machine allow, the floor for the "
+            f"served rows (load average {results['serve']['load']:.1f} on {os.cpu_count()} cores when measured).",
+            md_table(["settings", "runs", "wall (all)", "slowest run", "server CPU", "critical path", "ratio"],
+                     results["serve"]["rows"]),
+        ]
     parts += [
         "## GPU",
         "`make bench-gpu` (`python -m bench.gpu`) measures the local backend at ZAYA1-8B's shapes (random bf16 "
@@ -529,11 +611,11 @@ def write_markdown(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="*", default=None,
-                        help="sections: overhead scale local ragged memory tails grading streaming routing (the others "
+                        help="sections: overhead scale local ragged memory tails grading streaming routing serve (the others "
                              "keep their last results)")
     args = parser.parse_args()
     wanted = set(args.only or ["overhead", "scale", "local", "ragged", "memory", "tails", "grading",
-                                     "streaming", "routing"])
+                                     "streaming", "routing", "serve"])
     saved = ROOT / "bench" / "results.json"
     results: dict[str, Any] = json.loads(saved.read_text()) if args.only and saved.exists() else {}
     model_dir = None
@@ -545,7 +627,7 @@ def main() -> None:
         ("overhead", bench_overhead), ("scale", bench_scale), ("grading", bench_grading),
         ("streaming", bench_streaming), ("ragged", lambda: ragged.bench_ragged(model_dir, DATASETS)),
         ("local", lambda: bench_local(model_dir)), ("memory", lambda: bench_memory(model_dir)),
-        ("tails", lambda: bench_tails(model_dir)), ("routing", routing.bench_routing),
+        ("tails", lambda: bench_tails(model_dir)), ("routing", routing.bench_routing), ("serve", bench_serve),
     ]
     timings = results.setdefault("seconds", {})
     for name, run in sections:

@@ -153,6 +153,53 @@ def test_an_openai_agents_sdk_agent_runs_through_rsa(agent_server):
     assert asked == ["Paris"] and result.final_output == "It is sunny in Paris."
 
 
+def test_an_agent_with_the_sdks_default_responses_model_runs_through_rsa(agent_server):
+    """openai-agents' default model speaks the Responses API; run and run_streamed both go through RSA."""
+    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+
+    upstream, url = agent_server
+    set_tracing_disabled(True)
+    asked: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Weather in a city."""
+        asked.append(city)
+        return "sunny"
+
+    def agent() -> Agent:  # one client per event loop
+        model = OpenAIResponsesModel(model="rsa", openai_client=openai.AsyncOpenAI(base_url=f"{url}/v1",
+                                                                                  api_key="unused"))
+        return Agent(name="forecaster", instructions="Answer weather questions.", tools=[get_weather], model=model,
+                     model_settings=ModelSettings(extra_body=RSA))
+
+    async def run() -> str:
+        return str((await Runner.run(agent(), "What is the weather in Paris?")).final_output)
+
+    assert asyncio.run(run()) == "It is sunny in Paris." and asked == ["Paris"]
+    assert len(upstream.bodies) == 2 * SMALL.generations, "both turns ran RSA"
+    assert upstream.bodies[-1]["messages"][0] == {"role": "system", "content": "Answer weather questions."}
+
+    async def streamed() -> tuple[str, list[str]]:
+        run = Runner.run_streamed(agent(), "What is the weather in Paris?")
+        kinds = [event.type async for event in run.stream_events()]
+        return str(run.final_output), kinds
+
+    output, kinds = asyncio.run(streamed())
+    assert output == "It is sunny in Paris." and asked == ["Paris", "Paris"] and "raw_response_event" in kinds
+
+
+def test_responses_requests_are_checked_like_chat_requests(agent_server):
+    _, url = agent_server
+    for body, param in (({"input": "hi", "extended_compute": True, "previous_response_id": "resp_1"},
+                         "previous_response_id"),
+                        ({"input": [{"type": "input_image", "image_url": "x"}], "extended_compute": True},
+                         "input[0].type"),
+                        ({"input": "hi", "rsa": {"population": 10**6}}, "rsa.population")):
+        reply = httpx.post(f"{url}/v1/responses", json={"model": "rsa", **body}, timeout=30)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param
+
+
 # -- 6. disconnects release everything ------------------------------------------------------------
 def test_fifty_disconnects_then_an_ordinary_request_succeeds_promptly():
     server = VLLMLike(lambda prompt, body: "r" * 300 + "</think>\\boxed{1}", token_rate=100)

@@ -259,16 +259,22 @@ def show(
     run_cli(body)
 
 
+#: Shortest bearer token ``rsa serve`` accepts: a guessable token is no protection.
+MIN_TOKEN_CHARS = 16
+
+
 @app.command()
+@o.rsa_options
 def serve(
+    rsa: dict[str, Any] | None = None,
     host: Annotated[str, typer.Option(help="Interface to bind; the default keeps the server on this machine.")] = (
         "127.0.0.1"
     ),
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    preset: o.Preset = None,
+    port: Annotated[int, typer.Option(help="TCP port (not the upstream's).")] = 8080,
     task: Annotated[str, typer.Option(help="Prompt set for RSA requests: generic, math or code.")] = "generic",
     api_key_env: Annotated[
-        str | None, typer.Option(help="Environment variable holding the bearer token every request must send.")
+        str | None, typer.Option(help="Environment variable holding the bearer token every request must send "
+                                      f"(at least {MIN_TOKEN_CHARS} characters).")
     ] = None,
     model_name: Annotated[str | None, typer.Option(help="Model id reported by /v1/models.")] = None,
     backend: o.BackendKind = "auto",
@@ -280,45 +286,82 @@ def serve(
     tokenizer: o.Tokenizer = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
-    max_concurrency: o.MaxConcurrency = None,
+    max_concurrency: Annotated[int | None, typer.Option(
+        min=1, help="Most upstream requests in flight (remote; default: max-concurrent-runs x population, so "
+                    "every admitted run's round goes out at once), or rows in the running batch (local, "
+                    "default 16).")] = None,
     timeout: o.Timeout = 600.0,
     routing: o.RoutingFlag = "affinity",
     max_concurrent_runs: Annotated[int, typer.Option(
         help="RSA runs at once; more get HTTP 429 with Retry-After.")] = 16,
+    max_population: Annotated[int, typer.Option(help="Largest population a request may ask for.")] = 64,
+    max_rounds: Annotated[int, typer.Option(help="Most rounds a request may ask for.")] = 16,
+    max_budget: Annotated[int, typer.Option(help="Largest per-rollout or last-stage budget a request may ask for.")
+                          ] = 131_072,
+    max_final_n: Annotated[int, typer.Option(help="Most final aggregations a request may ask for.")] = 64,
+    max_requests_per_run: Annotated[int, typer.Option(
+        help="Most upstream requests one run may make (generations x chunks x tries).")] = 4096,
+    max_connections: Annotated[int, typer.Option(
+        help="Open client connections at most; more are closed at once.")] = 512,
+    heartbeat: Annotated[float, typer.Option(
+        help="Seconds of silence after which a run sends a keep-alive (a newline before JSON, an SSE comment).")
+    ] = 5.0,
+    drain_seconds: Annotated[float, typer.Option(
+        help="On SIGTERM or Ctrl-C: seconds runs in flight may take to finish before they are cancelled.")] = 30.0,
     log_level: LogLevel = "warning",
     log_file: LogFile = None,
 ) -> None:
-    """Serve an OpenAI-compatible endpoint; requests with extended_compute or rsa_* fields run Markovian RSA."""
+    """Serve an OpenAI-compatible endpoint; requests with extended_compute or rsa_* fields run Markovian RSA.
+
+    The RSA flags (--preset, --population, --time-limit...) set what extended_compute requests run; the
+    --max-* flags cap what any request may ask for."""
+    import dataclasses
     import os
 
+    options = dict(rsa or {})
+    preset = options.pop("preset", None)
     backend_opts = o.backend_options(locals(), key_env_param="upstream_api_key_env")
+    caps = {"max_concurrent_runs": max_concurrent_runs, "max_population": max_population, "max_rounds": max_rounds,
+            "max_budget": max_budget, "max_final_n": max_final_n, "max_requests_per_run": max_requests_per_run,
+            "max_connections": max_connections}
 
     def body() -> None:
         setup_logging(log_level, log_file)
-        import uvicorn
-
         from markov_rsa.server import ServerLimits, ServerSettings, create_app
         from markov_rsa.server.app import LOOPBACK_HOSTS
+        from markov_rsa.server.run import serve as run_server
 
         key = None
         if api_key_env:
             key = os.environ.get(api_key_env)
             if not key:
                 raise ConfigError("api_key_env", f"environment variable {api_key_env} is not set or empty")
+            if len(key) < MIN_TOKEN_CHARS:
+                raise ConfigError("api_key_env", f"the token in {api_key_env} has {len(key)} characters; use at "
+                                                 f"least {MIN_TOKEN_CHARS} (e.g. openssl rand -hex 24)")
         if host not in LOOPBACK_HOSTS and not key:
             raise ConfigError("host", f"serving on {host} (beyond this machine) needs a bearer token: set one "
                                       "with --api-key-env VAR")
-        if max_concurrent_runs < 1:
-            raise ConfigError("max_concurrent_runs", "must be at least 1")
-        config = o.build_config(preset, backend_opts.embedded, task=task)
-        backend = o.build_backend(backend_opts)
-        settings = ServerSettings(backend=backend, config=config, api_key=key,
-                                  model_name=model_name or backend.info.model,
-                                  limits=ServerLimits(max_concurrent_runs=max_concurrent_runs))
+        for name, value in caps.items():
+            if value < 1:
+                raise ConfigError(name, f"must be at least 1, got {value}")
+        for name, seconds in (("heartbeat", heartbeat), ("drain_seconds", drain_seconds)):
+            if not seconds > 0:
+                raise ConfigError(name, f"must be a positive number of seconds, got {seconds}")
+        config = o.build_config(preset, backend_opts.embedded, **options, task=task)
+        limits = ServerLimits(**caps)
+        if config.population > max_population:
+            raise ConfigError("population", f"{config.population} is above --max-population {max_population}")
+        chosen = backend_opts
+        if chosen.max_concurrency is None and chosen.kind == "openai":
+            chosen = dataclasses.replace(chosen, max_concurrency=max_concurrent_runs * config.population)
+        backend_obj = o.build_backend(chosen)
+        settings = ServerSettings(backend=backend_obj, config=config, api_key=key,
+                                  model_name=model_name or backend_obj.info.model, limits=limits, heartbeat=heartbeat)
         Console(stderr=True).print(
             f"serving {settings.model_name} on http://{host}:{port}/v1 (preset {config.preset}"
             f"{', bearer token required' if key else ''})", highlight=False, soft_wrap=True, markup=False)
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+        run_server(create_app(settings), limits, host=host, port=port, drain_seconds=drain_seconds)
 
     run_cli(body)
 

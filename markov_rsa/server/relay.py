@@ -1,16 +1,17 @@
-"""Pass-through: a client's plain chat request sent upstream as it came, over the remote backend's replicas.
+"""Pass-through: a client's plain request (chat, text completions, Responses) sent upstream as it came,
+over the remote backend's replicas.
 
 The relay reuses the backend's replica choice and retries (:class:`~markov_rsa.backends.openai.routing.Router`)
 and its one mapping of HTTP failures; it returns the upstream's reply for the server to send on. An
 upstream 4xx comes back with its status and message only: a client must never learn the upstream's
-address or see its raw body.
+address or see its raw body. Streams reach the client decoded: an upstream (or a proxy in front of it)
+that gzips its SSE would otherwise hand the client compressed bytes without their ``Content-Encoding``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from markov_rsa.backends.openai import OpenAIBackend
 from markov_rsa.backends.openai.http import Transient, server_message, transient_status, transport_errors
 from markov_rsa.backends.replicas import Replica
 from markov_rsa.errors import AuthenticationError
+from markov_rsa.server.privacy import scrub
 
 
 @dataclass
@@ -32,11 +34,11 @@ class Relayed:
     chunks: AsyncIterator[bytes] | None = None
 
 
-async def relay(backend: OpenAIBackend, body: dict[str, Any]) -> Relayed:
-    """Send a client's chat request upstream as it came (only ``model`` is set to the served one) and
-    return the reply: its status and JSON body, or for ``stream: true`` its raw SSE bytes. Transient
-    failures before the reply starts are retried; an upstream that rejects this server's key is an
-    :class:`AuthenticationError`."""
+async def relay(backend: OpenAIBackend, body: dict[str, Any], path: str = "/chat/completions") -> Relayed:
+    """Send a client's request upstream to ``path`` (under the base URL) as it came (only ``model`` is set
+    to the served one) and return the reply: its status and JSON body, or for ``stream: true`` its SSE
+    bytes, decoded. Transient failures before the reply starts are retried; an upstream that rejects this
+    server's key is an :class:`AuthenticationError`."""
     await backend.ready()
     router = backend.router
     body = {**body, "model": backend.model}
@@ -45,7 +47,7 @@ async def relay(backend: OpenAIBackend, body: dict[str, Any]) -> Relayed:
 
     async def attempt(replica: Replica) -> Relayed:
         shard = router.clients.client()
-        url = replica.url + "/chat/completions"
+        url = replica.url + path
         if not streamed:
             with transport_errors(timed_out):
                 response = await shard.client.post(url, json=body)
@@ -63,7 +65,7 @@ async def relay(backend: OpenAIBackend, body: dict[str, Any]) -> Relayed:
             raise
         return _relayed(replica, response, stack)
 
-    return await router.retrying(attempt, what="/chat/completions (pass-through)")
+    return await router.retrying(attempt, what=f"{path} (pass-through)")
 
 
 def _relayed(replica: Replica, response: httpx.Response, stack: contextlib.AsyncExitStack | None) -> Relayed:
@@ -83,14 +85,10 @@ def _relayed(replica: Replica, response: httpx.Response, stack: contextlib.Async
 
 
 async def _chunks(response: httpx.Response, stack: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
-    """The raw bytes of a streamed reply; the upstream connection is released however iteration ends."""
+    """The bytes of a streamed reply, decoded from any Content-Encoding; the upstream connection is
+    released however iteration ends."""
     try:
-        async for chunk in response.aiter_raw():
+        async for chunk in response.aiter_bytes():
             yield chunk
     finally:
         await asyncio.shield(stack.aclose())
-
-
-def scrub(message: str) -> str:
-    """An upstream error message without addresses (a client must not learn where the upstream is)."""
-    return re.sub(r"(https?://|\b)\d{1,3}(\.\d{1,3}){3}(:\d+)?\S*|https?://\S+", "[upstream]", message)[:300]

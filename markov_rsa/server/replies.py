@@ -9,6 +9,7 @@ from typing import Any
 
 from markov_rsa.rsa.events import Event
 from markov_rsa.rsa.result import Candidate, RSAResult
+from markov_rsa.server.privacy import public_reason
 
 
 @dataclass
@@ -60,7 +61,8 @@ def rsa_metadata(result: RSAResult) -> dict[str, Any]:
                 "usage": {"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens},
                 "candidates": [
                     {"index": c.index, "parents": c.parents, "answer": c.answer, "finish_reason": c.finish_reason,
-                     "completion_tokens": c.usage.completion_tokens, "tail_tokens": c.tail_tokens, "error": c.error}
+                     "completion_tokens": c.usage.completion_tokens, "tail_tokens": c.tail_tokens,
+                     "error": public_reason(c.error)}
                     for c in r.candidates
                 ],
             }
@@ -69,10 +71,18 @@ def rsa_metadata(result: RSAResult) -> dict[str, Any]:
     }
 
 
-def reply_from_result(result: RSAResult, metadata: bool) -> Reply:
+def reply_from_result(result: RSAResult, metadata: bool, all_final: bool = False) -> Reply:
+    """The reply: the chosen answer, or with ``all_final`` (the reference proxy's bodies) every final
+    aggregation as a choice, the chosen one first."""
+    final = result.rounds[-1] if result.rounds and result.rounds[-1].kind == "final" else None
     if result.config.final == "population":
         choices = [{"index": i, "message": message(c.text, c.reasoning, c.tool_calls), "finish_reason": _finish(c)}
                    for i, c in enumerate(result.population)]
+    elif all_final and final is not None and result.selection == "final_aggregate":
+        ok = [c for c in final.candidates if c.ok]
+        ok.sort(key=lambda c: (result.selected != (c.round, c.index), c.index))
+        choices = [{"index": i, "message": message(c.text, c.reasoning, c.tool_calls), "finish_reason": _finish(c)}
+                   for i, c in enumerate(ok)]
     else:
         chosen = next((c for r in result.rounds for c in r.candidates if result.selected == (c.round, c.index)),
                       None)
@@ -87,6 +97,8 @@ def reply_from_result(result: RSAResult, metadata: bool) -> Reply:
 def progress_comment(event: Event) -> str:
     """A progress event as an SSE comment line, which every SSE client (OpenAI's included) skips."""
     data = event.to_dict()
+    if data.get("error"):
+        data["error"] = public_reason(data["error"])  # the upstream's text goes to the log, not the client
     if data.get("type") == "round_finished":
         data = {k: data[k] for k in ("type", "round", "round_kind", "majority", "agreement", "seconds", "failed")}
     return f": rsa {json.dumps(data)}\n\n"

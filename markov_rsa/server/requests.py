@@ -13,11 +13,12 @@ The policy follows vLLM's server: accept what can be honoured, log what is ignor
 - anything else (``store``, ``metadata``, ``user``, ``service_tier``, penalties...) is accepted and
   logged as ignored.
 
-The reference proxy's fields (``rsa_n``...) run what the proxy runs (:func:`proxy_config`).
+The reference proxy's fields (``rsa_n``...) run what the proxy runs (:mod:`~markov_rsa.server.proxy`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -26,24 +27,12 @@ from typing import Any
 from markov_rsa.backends.base import GenerationRequest, Message, SamplingParams
 from markov_rsa.errors import ConfigError
 from markov_rsa.rsa.config import RSAConfig
+from markov_rsa.server.errors import RequestError
+from markov_rsa.server.proxy import PROXY_NAMES, ProxyPlan, proxy_plan
 from markov_rsa.server.settings import ServerLimits, ServerSettings
 
 logger = logging.getLogger("markov_rsa.server")
 
-#: The reference proxy's request fields and the RSAConfig field each one sets.
-PROXY_FIELDS: dict[str, str] = {
-    "rsa_n": "population",
-    "rsa_k": "k",
-    "rsa_t": "rounds",
-    "short_resp_len": "budget",
-    "tail_window_len": "tail",
-    "rsa_final_n": "final_n",
-    "final_temperature": "final_temperature",
-    "final_top_p": "final_top_p",
-    "final_top_k": "final_top_k",
-}
-#: The reference proxy's final-stage sampling when a request does not set it.
-PROXY_FINAL_SAMPLING = {"final_temperature": 0.6, "final_top_p": 0.95, "final_top_k": 40}
 SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed"}
 #: Fields an RSA request passes to every rollout as they are.
 FORWARDED = ("response_format",)
@@ -52,18 +41,9 @@ REFUSED = {
     "logprobs": "RSA returns a voted answer, not one sequence's token log-probabilities",
     "top_logprobs": "RSA returns a voted answer, not one sequence's token log-probabilities",
 }
-OURS = {"extended_compute", "return_rsa_metadata", "rsa", *PROXY_FIELDS}
+OURS = {"extended_compute", "return_rsa_metadata", "rsa", *PROXY_NAMES}
 HANDLED = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n", "stop",
            "tools", "tool_choice", *SAMPLING_FIELDS, *FORWARDED, *REFUSED, *OURS}
-
-
-class RequestError(Exception):
-    """An invalid request: becomes an OpenAI-style error body naming the parameter."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.param, self.status, self.kind = param, status, kind
 
 
 @dataclass(frozen=True)
@@ -83,11 +63,21 @@ class ParsedRequest:
     tool_choice: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()
+    #: Every final aggregation comes back as a choice (the reference proxy's bodies).
+    all_final: bool = False
 
 
 def reject_constant(name: str) -> Any:
     """``json.loads`` hook: NaN and infinities are not JSON numbers a request may carry."""
     raise RequestError(f"the request body holds {name}, which is not a valid JSON number")
+
+
+def finite_float(text: str) -> float:
+    """``json.loads`` hook: a number too large for a float (``1e400``) is refused, not read as infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise RequestError(f"the request body holds {text}, which is too large a number")
+    return value
 
 
 def _number(body: dict[str, Any], name: str, kind: type, *, minimum: float | None = None) -> Any:
@@ -152,15 +142,22 @@ def parse_request(body: Any, settings: ServerSettings) -> ParsedRequest:
     rsa_object = body.get("rsa")
     if rsa_object is not None and not isinstance(rsa_object, dict):
         raise RequestError("rsa must be an object of RSA settings", "rsa")
-    proxy = {k: body[k] for k in PROXY_FIELDS if body.get(k) is not None}
+    plan = proxy_plan(body)
     common: dict[str, Any] = {"body": body, "stream": bool(body.get("stream")),
               "include_usage": bool(stream_options.get("include_usage")),
-              "metadata": bool(body.get("return_rsa_metadata"))}
-    if not (body.get("extended_compute") or proxy or rsa_object):
+              "metadata": bool(body.get("return_rsa_metadata")) or bool(plan and plan.metadata)}
+    if plan is not None and plan.plain and not rsa_object and not body.get("extended_compute"):
+        # The proxy's rsa_t <= 0: one plain request with the client's own fields, RSA fields removed.
+        common["body"] = {k: v for k, v in body.items() if k not in PROXY_NAMES and k != "return_rsa_metadata"}
+        plan = None
         if not isinstance(body.get("messages"), list) or not body["messages"]:
             raise RequestError("messages must be a non-empty list", "messages")
         return ParsedRequest(**common)
-    return _rsa_request(body, settings, proxy, rsa_object or {}, common)
+    if not (body.get("extended_compute") or plan or rsa_object):
+        if not isinstance(body.get("messages"), list) or not body["messages"]:
+            raise RequestError("messages must be a non-empty list", "messages")
+        return ParsedRequest(**common)
+    return _rsa_request(body, settings, plan, rsa_object or {}, common)
 
 
 def _generation_fields(body: dict[str, Any]) -> tuple[tuple[str, ...] | None, int | None, list[dict[str, Any]]]:
@@ -191,20 +188,27 @@ def plain_request(body: dict[str, Any], settings: ServerSettings) -> GenerationR
                              tools=tuple(tools))
 
 
-def _rsa_request(body: dict[str, Any], settings: ServerSettings, proxy: dict[str, Any], rsa_object: dict[str, Any],
-                 common: dict[str, Any]) -> ParsedRequest:
+def _rsa_request(body: dict[str, Any], settings: ServerSettings, plan: ProxyPlan | None,
+                 rsa_object: dict[str, Any], common: dict[str, Any]) -> ParsedRequest:
     messages = _messages(body.get("messages"), settings.limits)
     for name, why in REFUSED.items():
         if body.get(name) not in (None, False, 0):
             raise RequestError(f"{name}: not supported with RSA ({why})", name)
     n = _number(body, "n", int, minimum=1)
-    if n not in (None, 1):
+    if n not in (None, 1) and plan is None:
         raise RequestError("n: only n=1 is supported with RSA (rsa.final='population' returns the whole "
                            "population)", "n")
     stop, max_tokens, tools = _generation_fields(body)
 
     changes: dict[str, Any] = {}
     origin: dict[str, str] = {}
+    base = settings.config.to_dict()
+    if plan is not None and not plan.plain:
+        # The proxy's defaults, not this server's preset: only the task and the run limits are the operator's.
+        base = {**RSAConfig(task=settings.config.task).to_dict(), "token_budget": settings.config.token_budget,
+                "time_limit": settings.config.time_limit}
+        changes.update(plan.changes)
+        origin.update(plan.origin)
     for name, target in SAMPLING_FIELDS.items():
         if body.get(name) is not None:
             changes[target] = body[name]
@@ -212,11 +216,7 @@ def _rsa_request(body: dict[str, Any], settings: ServerSettings, proxy: dict[str
     if stop is not None:
         changes["stop"] = stop
         origin["stop"] = "stop"
-    if proxy:
-        proxy_changes, proxy_origin = proxy_config(proxy, settings.config, max_tokens)
-        changes.update(proxy_changes)
-        origin.update(proxy_origin)
-    elif max_tokens is not None:
+    if max_tokens is not None:
         changes["final_budget"] = max_tokens
         origin["final_budget"] = "max_tokens"
     for name, value in rsa_object.items():
@@ -225,7 +225,7 @@ def _rsa_request(body: dict[str, Any], settings: ServerSettings, proxy: dict[str
     if "budget" in changes and "final_budget" not in changes:
         changes["final_budget"] = None  # a budget set by hand is every stage's unless said otherwise
     try:
-        config = RSAConfig.from_dict({**settings.config.to_dict(), **changes, "preset": settings.config.preset})
+        config = RSAConfig.from_dict({**base, **changes, "preset": settings.config.preset if plan is None else None})
     except ConfigError as exc:
         param = origin.get(exc.field, exc.field)
         message = str(exc).split(": ", 1)[1] if ": " in str(exc) else str(exc)
@@ -233,6 +233,7 @@ def _rsa_request(body: dict[str, Any], settings: ServerSettings, proxy: dict[str
     except TypeError as exc:
         raise RequestError(f"invalid RSA settings: {exc}", "rsa") from None
     _check_limits(config, settings.limits, origin)
+    _check_amplification(config, settings.limits, origin, len(json.dumps(messages)) + len(json.dumps(tools)))
 
     last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
     ignored = tuple(sorted(k for k in body if k not in HANDLED))
@@ -242,7 +243,25 @@ def _rsa_request(body: dict[str, Any], settings: ServerSettings, proxy: dict[str
         **common, config=config, problem=messages[last_user]["content"], context=tuple(messages[:last_user]),
         trailing=tuple(messages[last_user + 1:]), tools=tuple(tools), tool_choice=body.get("tool_choice"),
         extra={k: body[k] for k in FORWARDED if body.get(k) is not None}, ignored=ignored,
+        all_final=plan is not None,
     )
+
+
+def _check_amplification(config: RSAConfig, limits: ServerLimits, origin: dict[str, str], prompt_bytes: int
+                         ) -> None:
+    """Bound what one request makes the server send upstream: requests (every generation, chunk and
+    retry) and bytes (the conversation goes into every request)."""
+    requests = config.generations * config.effective_max_chunks * (1 + config.candidate_retries)
+    if requests > limits.max_requests_per_run:
+        param = origin.get("chunk_size") or origin.get("population", "population")
+        raise RequestError(f"{param}: this run could make {requests} upstream requests (generations x chunks x "
+                           f"tries); at most {limits.max_requests_per_run} per run on this server", param)
+    sent = prompt_bytes * config.generations * config.effective_max_chunks
+    if sent > limits.max_upstream_bytes_per_run:
+        raise RequestError(f"messages: this run would send about {sent // 2**20} MiB upstream (the conversation "
+                           f"goes into each of its {config.generations * config.effective_max_chunks} requests); "
+                           f"at most {limits.max_upstream_bytes_per_run // 2**20} MiB per run on this server",
+                           "messages")
 
 
 def _check_limits(config: RSAConfig, limits: ServerLimits, origin: dict[str, str]) -> None:
@@ -256,40 +275,3 @@ def _check_limits(config: RSAConfig, limits: ServerLimits, origin: dict[str, str
         if value > cap:
             param = origin.get(name, name)
             raise RequestError(f"{param}: at most {cap} on this server, got {value}", param)
-
-
-def proxy_config(proxy: dict[str, Any], base: RSAConfig, max_tokens: int | None) -> tuple[dict[str, Any],
-                                                                                          dict[str, str]]:
-    """What a request using the reference proxy's fields runs, as the proxy runs it: ``rsa_t + 1``
-    stages in all, the last issuing ``rsa_final_n`` prompts (default 1; 0 means ``rsa_n``) at the
-    final sampling (default 0.6 / 0.95 / 40), with the request's ``max_tokens`` as that stage's
-    budget. Returns RSAConfig changes and, per changed field, the request field it came from."""
-    changes: dict[str, Any] = {}
-    origin: dict[str, str] = {}
-    for name in ("rsa_n", "rsa_k", "short_resp_len", "tail_window_len"):
-        if name in proxy:
-            changes[PROXY_FIELDS[name]] = proxy[name]
-            origin[PROXY_FIELDS[name]] = name
-    for name, default in PROXY_FINAL_SAMPLING.items():
-        changes[name] = proxy.get(name, default)
-        origin[name] = name
-    population = changes.get("population", base.population)
-    stages = proxy.get("rsa_t", base.rounds)
-    final_n = proxy.get("rsa_final_n", 1)
-    for name, value in (("rsa_t", stages), ("rsa_final_n", final_n)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise RequestError(f"{name} must be a non-negative integer, got {value!r}", name)
-    if not isinstance(population, int) or isinstance(population, bool):
-        raise RequestError(f"rsa_n must be an integer, got {population!r}", "rsa_n")
-    final_n = final_n or population
-    if max_tokens is not None:
-        changes["final_budget"] = max_tokens
-        origin["final_budget"] = "max_tokens"
-    if stages == 0:  # one stage, which is the last: final_n rollouts at the final sampling
-        changes.update(rounds=0, final="majority", population=final_n, temperature=changes["final_temperature"],
-                       top_p=changes["final_top_p"], top_k=changes["final_top_k"])
-        origin.update(population="rsa_final_n", rounds="rsa_t")
-    else:
-        changes.update(rounds=stages - 1, final="aggregate", final_n=final_n)
-        origin.update(rounds="rsa_t", final_n="rsa_final_n")
-    return changes, origin

@@ -26,6 +26,16 @@ class ServerLimits:
     max_concurrent_runs: int = 16
     #: Seconds a client is told to wait when the server is at ``max_concurrent_runs``.
     retry_after: int = 2
+    #: Upstream requests one run may make (generations x chunks x tries) and bytes of prompt it may
+    #: send upstream: a small request must not turn into an unbounded load on the upstream.
+    max_requests_per_run: int = 4096
+    max_upstream_bytes_per_run: int = 64 * 2**20
+    #: Seconds a client may take to send its request headers, and its body; seconds an idle
+    #: keep-alive connection stays open; open connections at most (beyond: closed at once).
+    header_seconds: float = 10.0
+    body_seconds: float = 60.0
+    idle_seconds: float = 5.0
+    max_connections: int = 512
 
 
 @dataclass(frozen=True)
@@ -40,3 +50,6 @@ class ServerSettings:
     limits: ServerLimits = field(default_factory=ServerLimits)
     #: Host header values accepted besides loopback names when no token is required.
     allowed_hosts: tuple[str, ...] = ()
+    #: Seconds of silence after which a run sends a keep-alive (a newline before a JSON reply, an SSE
+    #: comment in a stream), so clients with read timeouts above it never give up on a working run.
+    heartbeat: float = 5.0
