@@ -17,8 +17,8 @@ import pytest
 
 from markov_rsa import RSAConfig
 from markov_rsa.backends.openai import OpenAIBackend
-from markov_rsa.evals.benchmarks import BENCHMARKS, Benchmark, Grader, register, unregister
-from markov_rsa.evals.datasets import Problem, load_lcb, load_task
+from markov_rsa.evals.benchmarks import BENCHMARKS, Benchmark, Grader, load_task, register, unregister
+from markov_rsa.evals.datasets import Problem, load_lcb
 from markov_rsa.evals.grading.code import CodeGrader
 from markov_rsa.evals.grading.math import MathGrader
 from markov_rsa.evals.intervals import bootstrap, clopper_pearson, interval

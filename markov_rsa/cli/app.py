@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -53,7 +54,7 @@ def root(
     """Markovian RSA: solve problems, run benchmarks, render reports, serve an OpenAI-compatible endpoint."""
 
 
-def run_cli(body: Callable[[], T]) -> T:
+def run_cli(body: Callable[[], T], *, interrupted: str = "interrupted") -> T:
     """Run a command body; library errors become one line on stderr with the error's exit code."""
     try:
         return body()
@@ -61,7 +62,7 @@ def run_cli(body: Callable[[], T]) -> T:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted")
+        Console(stderr=True).print(interrupted, highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
 
 
@@ -150,7 +151,8 @@ def eval_command(
     data_dir: Annotated[
         Path | None, typer.Option(help="Local JSONL copies of the sets instead of the Hub ($MARKOV_RSA_DATA_DIR).")
     ] = None,
-    release: Annotated[str, typer.Option(help="LiveCodeBench release (v1..v6).")] = "v6",
+    release: Annotated[str | None, typer.Option(
+        help="LiveCodeBench release (v1..v6; default v6), on the Hub or a local copy in the Hub's layout.")] = None,
     unsafe_no_sandbox: Annotated[bool, typer.Option(
         "--unsafe-no-sandbox",
         help="LiveCodeBench: run untrusted programs without bubblewrap (rlimits only; a program can escape).",
@@ -179,7 +181,7 @@ def eval_command(
     def body() -> None:
         setup_logging(log_level, log_file)
         from markov_rsa.cli.evaluate import run_evaluation
-        from markov_rsa.evals.datasets import load_task
+        from markov_rsa.evals.benchmarks import load_task
 
         if repeats < 1 or concurrency < 1 or (limit is not None and limit < 1):
             raise ConfigError("limit", "--limit, --repeats and --concurrency must be at least 1")
@@ -195,14 +197,17 @@ def eval_command(
         backend = o.build_backend(backend_opts)
         code = run_evaluation(task, config, backend, problems, out, limit=limit, repeats=repeats,
                               concurrency=concurrency, isolation="rlimits" if unsafe_no_sandbox else "bwrap",
-                              force=force, name=name)
+                              force=force, name=name, command=tuple(sys.argv),
+                              data={"data_dir": str(data_dir) if data_dir else os.environ.get("MARKOV_RSA_DATA_DIR"),
+                                    "release": release, "since": since, "until": until})
         if json_output:
             from markov_rsa.evals.report import load_run, run_json
 
             sys.stdout.write(json.dumps(run_json(load_run(out)), indent=2) + "\n")
         raise typer.Exit(code)
 
-    run_cli(body)
+    run_cli(body, interrupted="interrupted; finished problems are kept in "
+                              f"{out}: run the same command again to resume")
 
 
 @app.command()
@@ -271,7 +276,6 @@ def serve(
     log_file: LogFile = None,
 ) -> None:
     """Serve an OpenAI-compatible endpoint; requests with extended_compute or rsa_* fields run Markovian RSA."""
-    import os
 
     backend_opts = o.backend_options(locals(), key_env_param="upstream_api_key_env")
 

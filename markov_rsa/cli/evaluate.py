@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -19,11 +21,12 @@ from markov_rsa.rsa.config import RSAConfig
 
 def run_evaluation(task: str, config: RSAConfig, backend: Backend, problems: list[Problem], out: Path, *,
                    limit: int | None, repeats: int, concurrency: int, isolation: Isolation = "bwrap",
-                   force: bool = False, name: str | None = None) -> int:
+                   force: bool = False, name: str | None = None, data: Mapping[str, Any] | None = None,
+                   command: tuple[str, ...] = ()) -> int:
     """Run (or resume) an evaluation; returns the exit code (1 if some problems failed)."""
     console = Console(stderr=True)
     spec = EvalSpec(task=task, config=config, limit=limit, repeats=repeats, concurrency=concurrency,
-                    isolation=isolation, force=force, name=name)
+                    isolation=isolation, force=force, name=name, data=dict(data or {}), command=command)
     if isolation != "bwrap" and any(p.kind == "code" for p in problems):
         console.print("[bold yellow]warning:[/] --unsafe-no-sandbox: untrusted programs run with rlimits only and "
                       "can escape (read files, use the network, leave processes behind)", highlight=False)

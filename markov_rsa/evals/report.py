@@ -14,24 +14,33 @@ import functools
 import html
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from markov_rsa.errors import ConfigError
-from markov_rsa.evals.intervals import interval
+from markov_rsa.evals.intervals import interval_units
 from markov_rsa.evals.log import PROBLEMS_FILE, RUN_FILE, ProblemRecord, read_meta, read_problems
-from markov_rsa.evals.metrics import Summary, mean, per_problem, per_problem_round, summarise
+from markov_rsa.evals.metrics import Planned, Summary, mean, plan_of, problem_means, summarise, units
 from markov_rsa.evals.published import Published, published_for
+from markov_rsa.rsa.config import RSAConfig
 
 MATH_CREDIT = ("Math problem sets as published by MathArena (matharena.ai); problem statements belong to MAA (AIME) "
                "and HMMT.")
 #: The accuracies of a run: key in report.json, column header, per-problem metric.
 METRICS = (("avg_at_n", "avg@N", "avg"), ("majority", "maj@N", "majority"), ("pass_at_n", "pass@N", "pass_at_n"),
            ("final", "final", "final"))
-LEGEND = ("avg@N: mean accuracy of the final population (the ZAYA1 report's headline metric); maj@N: its majority "
-          "vote; pass@N: any candidate correct; final: the answer the run returned. Brackets: 95% interval over "
-          "problems (exact binomial where every problem scores 0 or 1, else a bootstrap over problems).")
+LEGEND = ("avg@N: mean accuracy of the final population over the generations that ran (the ZAYA1 report's "
+          "headline metric); maj@N: its majority vote; pass@N: any candidate correct; final: the answer the run "
+          "returned. Every figure is over the planned problems: a problem that failed or did not finish scores "
+          "wrong and is counted under 'incomplete'; a run stopped by a token or time limit is scored on its last "
+          "complete round within the limit. Brackets: 95% interval over problems (exact binomial where every "
+          "problem scores 0 or 1, else a bootstrap over problems, repeats and generations).")
+#: Run-level keys of ``RSAConfig`` the label always shows (N, K, T, β, τ, C); any other setting that
+#: differs from the preset (or the defaults) is appended, so two runs of different settings never share one.
+_CORE = {"population": "N", "k": "K", "rounds": "T", "budget": "β", "tail": "τ", "chunk_size": "C"}
+_UNLABELLED = {"seed", "preset", "task"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,13 @@ class RunData:
     backend: dict[str, Any]
     summary: Summary
     records: list[ProblemRecord]
+    #: The planned problem ids in load order (``None`` for directories older than the plan).
+    planned: list[str] | None = None
+    repeats: int | None = None
+
+    @functools.cached_property
+    def plan(self) -> list[Planned]:
+        return plan_of(self.records, self.planned, self.repeats)
 
     @functools.cached_property
     def figures(self) -> dict[str, Any]:
@@ -53,10 +69,27 @@ class RunData:
 
 
 def method_label(config: dict[str, Any]) -> str:
-    core = f"N{config['population']} K{config['k']} T{config['rounds']} β{config['budget']} τ{config['tail']}"
-    if config.get("chunk_size"):
-        core += f" C{config['chunk_size']}"
-    return f"{config['preset']} ({core})" if config.get("preset") else core
+    """What ran, in a few words: the preset's name only where the settings are the preset's, the core
+    settings always, and every other setting that differs from the preset (or the defaults)."""
+    core = " ".join(f"{symbol}{config[key]}" for key, symbol in _CORE.items() if config.get(key) is not None)
+    preset = config.get("preset")
+    try:
+        base = (RSAConfig.from_preset(preset) if preset else RSAConfig()).to_dict()
+    except (ValueError, KeyError, TypeError):
+        base = RSAConfig().to_dict()
+    differs = {key: value for key, value in config.items()
+               if key not in _UNLABELLED and base.get(key) != value and not (isinstance(value, list)
+                                                                             and tuple(value) == base.get(key))}
+    extras = ", ".join(f"{key}={value}" for key, value in differs.items() if key not in _CORE)
+    if preset and not differs:
+        return f"{preset} ({core})"
+    label = core + (f"; {extras}" if extras else "")
+    return f"{preset}, modified ({label})" if preset else label
+
+
+def natural_key(text: str) -> list[Any]:
+    """II_2 before II_10: digits compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def load_run(path: Path) -> RunData:
@@ -68,15 +101,40 @@ def load_run(path: Path) -> RunData:
     if not isinstance(backend, dict):  # format 2 records kind and model side by side
         backend = {"kind": backend, "model": meta.get("model"), "device": meta.get("device")}
     name = str(meta.get("name") or path.resolve().name)
+    planned = meta.get("plan") if isinstance(meta.get("plan"), list) else None
+    repeats = int(meta.get("repeats") or 1)
     return RunData(path, name, method_label(meta["config"]), meta["task"], meta["config"], backend,
-                   summarise(records), records)
+                   summarise(records, planned, repeats), records, planned, repeats if planned else None)
 
 
-def accuracy(run: RunData, metric: str) -> dict[str, float]:
-    """A metric's value over problems with its 95% interval."""
-    values = list(per_problem(run.records, metric).values())
-    low, high = interval(values) if values else (0.0, 0.0)
-    return {"value": mean(values), "low": low, "high": high}
+def accuracy(run: RunData, metric: str, round_index: int | None = None) -> dict[str, float | None]:
+    """A metric's value over the planned problems with its 95% interval; none at all (``None``) where
+    nothing finished, rather than a zero-width "0.0 [0.0, 0.0]"."""
+    if not run.summary.finished:
+        return {"value": None, "low": None, "high": None}
+    per = units(run.plan, metric, round_index)
+    bounds = interval_units(list(per.values()))
+    low, high = bounds if bounds else (None, None)
+    return {"value": mean(problem_means(per).values()), "low": low, "high": high}
+
+
+def incomplete(run: RunData) -> str:
+    """What did not run cleanly, next to the numbers it affects (empty for a clean run)."""
+    s = run.summary
+    parts = []
+    if s.failed:
+        parts.append(f"{s.failed} failed (scored wrong)")
+    if s.missing:
+        parts.append(f"{s.missing} not finished (scored wrong)")
+    if s.unscored:
+        parts.append(f"{s.unscored} stopped before a round fit the limit (scored wrong)")
+    if s.stopped:
+        parts.append(f"{s.stopped} stopped by a token/time limit")
+    if s.failed_generations:
+        parts.append(f"{s.failed_generations}/{s.generations} generations failed (not counted in avg@N)")
+    if s.repeats[0] != s.repeats[1]:
+        parts.append(f"repeats {s.repeats[0]}-{s.repeats[1]} per problem")
+    return "; ".join(parts)
 
 
 def run_json(run: RunData) -> dict[str, Any]:
@@ -87,41 +145,58 @@ def run_json(run: RunData) -> dict[str, Any]:
 def _figures(run: RunData) -> dict[str, Any]:
     s = run.summary
     rounds = []
-    for index, kind, avg, maj, pass_n, tokens in s.rounds:
-        low, high = interval(per_problem_round(run.records, index)) if run.records else (0.0, 0.0)
-        rounds.append({"round": index, "kind": kind, "avg_at_n": avg, "avg_at_n_low": low, "avg_at_n_high": high,
-                       "majority": maj, "pass_at_n": pass_n, "cumulative_tokens": tokens})
-    problems = {pid: {"avg_at_n": v, "final": per_problem(run.records, "final")[pid]}
-                for pid, v in per_problem(run.records, "avg").items()}
+    for index, kind, _avg, maj, pass_n, tokens in s.rounds:
+        avg = accuracy(run, "avg", index)
+        rounds.append({"round": index, "kind": kind, "avg_at_n": avg["value"], "avg_at_n_low": avg["low"],
+                       "avg_at_n_high": avg["high"], "majority": maj, "pass_at_n": pass_n,
+                       "cumulative_tokens": tokens, "reached": s.reached.get(index, 0)})
+    finals = problem_means(units(run.plan, "final"))
+    problems = {pid: {"avg_at_n": v, "final": finals[pid],
+                      "status": sorted({item.status for item in run.plan if item.problem_id == pid})}
+                for pid, v in problem_means(units(run.plan, "avg")).items()}
     return {
         "name": run.name, "path": str(run.path), "task": run.task, "method": run.label,
         "model": run.backend.get("model"), "problems": s.problems,
+        "planned": s.planned, "finished": s.finished, "failed": s.failed, "not_finished": s.missing,
+        "unscored": s.unscored, "stopped": s.stopped, "generations": s.generations,
+        "failed_generations": s.failed_generations, "repeats": list(s.repeats),
         "metrics": {key: accuracy(run, metric) for key, _, metric in METRICS},
-        "tokens_per_problem": s.tokens_per_problem, "seconds_per_problem": s.seconds_per_problem,
-        "rounds": rounds, "per_problem": problems,
+        "tokens_per_problem": s.tokens_per_problem, "prompt_tokens_per_problem": s.prompt_tokens_per_problem,
+        "tokens_per_correct": s.tokens_per_correct, "seconds_per_problem": s.seconds_per_problem,
+        "rounds": rounds, "per_problem": problems, "incomplete": incomplete(run),
     }
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
 
 
-def _with_interval(a: dict[str, float]) -> str:
+def _with_interval(a: dict[str, float | None]) -> str:
+    if a["value"] is None:
+        return "–"
+    if a["low"] is None or a["high"] is None:
+        return _pct(a["value"])
     return f"{_pct(a['value'])} [{_pct(a['low'])}, {_pct(a['high'])}]"
+
+
+def _problems_cell(run: RunData) -> str:
+    s = run.summary
+    done = s.finished if s.repeats[1] <= 1 else f"{s.finished} of {sum(1 for _ in run.plan)} runs"
+    return str(s.problems) if s.finished == len(run.plan) else f"{s.problems} ({done} finished)"
 
 
 def results_table(runs: list[RunData], published: list[Published] | None = None) -> list[list[str]]:
     header = ["run", "task", "method", "model", "problems", *(label for _, label, _ in METRICS), "tokens/problem",
-              "s/problem"]
+              "s/problem", "incomplete"]
     rows = [header]
     for run in runs:
         s = run.summary
-        rows.append([run.name, run.task, run.label, str(run.backend.get("model", "")), str(s.problems),
+        rows.append([run.name, run.task, run.label, str(run.backend.get("model", "")), _problems_cell(run),
                      *(_with_interval(run.figures["metrics"][key]) for key, _, _ in METRICS),
-                     f"{s.tokens_per_problem:,.0f}", f"{s.seconds_per_problem:.1f}"])
+                     f"{s.tokens_per_problem:,.0f}", f"{s.seconds_per_problem:.1f}", incomplete(run) or "none"])
     for p in published or []:
         rows.append(["published", p.task, p.method, p.model, "", f"{_pct(p.accuracy)} (published)", "", "", "", "",
-                     ""])
+                     "", ""])
     return rows
 
 
@@ -132,20 +207,20 @@ def published_table(published: list[Published]) -> list[list[str]]:
 
 
 def rounds_table(runs: list[RunData]) -> list[list[str]]:
-    rows = [["run", "task", "round", "avg@N", "maj@N", "pass@N", "cumulative tokens/problem"]]
+    rows = [["run", "task", "round", "avg@N", "maj@N", "pass@N", "cumulative tokens/problem", "reached"]]
     for run in runs:
         for r in run_json(run)["rounds"]:
             name = "final" if r["kind"] == "final" else str(r["round"])
             avg = {"value": r["avg_at_n"], "low": r["avg_at_n_low"], "high": r["avg_at_n_high"]}
             rows.append([run.name, run.task, name, _with_interval(avg), _pct(r["majority"]), _pct(r["pass_at_n"]),
-                         f"{r['cumulative_tokens']:,.0f}"])
+                         f"{r['cumulative_tokens']:,.0f}", f"{r['reached']}/{run.summary.finished}"])
     return rows
 
 
 def problems_table(runs: list[RunData]) -> list[list[str]]:
     """Problem × run: the final population's fraction correct, and whether the returned answer was (✓/✗)."""
     columns = [run_json(run)["per_problem"] for run in runs]
-    ids = sorted({pid for column in columns for pid in column})
+    ids = sorted({pid for column in columns for pid in column}, key=natural_key)
     rows = [["problem", *(run.name for run in runs)]]
     for pid in ids:
         cells = []
@@ -238,6 +313,12 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[Path, Path]:
     if not run_dirs:
         raise ConfigError("runs", "give at least one run directory")
     runs = [load_run(Path(p)) for p in run_dirs]
+    seen: dict[str, Path] = {}
+    for run in runs:
+        if run.name in seen:
+            raise ConfigError("runs", f"two runs are named {run.name!r} ({seen[run.name]} and {run.path}); give "
+                                      "one another name with rsa eval --name NAME on its --out")
+        seen[run.name] = run.path
     published = published_for({run.task for run in runs})
     out.mkdir(parents=True, exist_ok=True)
     plots = _plots(runs)
