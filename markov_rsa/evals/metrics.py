@@ -82,13 +82,14 @@ def round_score(round_index: int, kind: str, correct: Sequence[bool], majority_i
 def scored_stage(scores: Sequence[Mapping[str, Any]], stop_reason: str, token_budget: int | None) -> int | None:
     """Which stage a problem is scored on (its position in ``scores``), decided by rule, not by timing.
 
-    A complete run: its last generation stage. A run stopped by ``token_budget``: the last complete
-    stage after which the run had generated fewer tokens than the budget. The engine always goes on
-    past such a stage, so the choice depends only on what the seed generated, never on which
-    candidate happened to finish first in the stage that crossed the budget. A run stopped by a time
-    limit: its last complete stage. ``None`` when no stage qualifies (the problem scores wrong)."""
+    With a ``token_budget``: the last complete stage after which the run had generated fewer tokens
+    than the budget. The engine always goes on past such a stage, so the choice depends only on what
+    the seed generated, never on which candidate happened to finish first in the stage that reached
+    the budget (which decides whether the engine cut that stage short, or even called the run
+    complete). Otherwise: the last complete generation stage (a time limit cuts where it cuts).
+    ``None`` when no stage qualifies (the problem scores wrong, and is counted as such)."""
     stages = [i for i, s in enumerate(scores) if s.get("kind") != "final"]
-    if stop_reason == "complete":
+    if stop_reason == "complete" and token_budget is None:
         return stages[-1] if stages else None
     chosen = None
     spent = 0
@@ -97,7 +98,7 @@ def scored_stage(scores: Sequence[Mapping[str, Any]], stop_reason: str, token_bu
         spent += int(s.get("generated_tokens", s.get("completion_tokens", 0)))
         if not s.get("complete", True):
             break
-        if stop_reason == "token_budget" and token_budget is not None and spent >= token_budget:
+        if token_budget is not None and spent >= token_budget:
             break
         chosen = i
     return chosen
@@ -140,7 +141,7 @@ class Planned:
             return "missing"
         if self.record.error is not None:
             return "failed"
-        if self.record.scored_round is None and self.record.stop_reason != "complete":
+        if self.record.scored_round is None and not self.record.population:
             return "unscored"
         return "finished"
 
@@ -270,7 +271,7 @@ def summarise(records: Sequence[ProblemRecord], planned: Sequence[str] | None = 
         failed=sum(1 for item in plan if item.status == "failed"),
         unscored=sum(1 for item in plan if item.status == "unscored"),
         missing=sum(1 for item in plan if item.status == "missing"),
-        stopped=sum(1 for r in done if r.stop_reason != "complete"),
+        stopped=sum(1 for r in done if limited(r)),
         generations=sum(int(s.get("n", 0)) for r in done for s in r.rounds),
         failed_generations=sum(int(s.get("failed", 0)) for r in done for s in r.rounds),
         repeats=(min(per_repeat), max(per_repeat)),
@@ -278,6 +279,14 @@ def summarise(records: Sequence[ProblemRecord], planned: Sequence[str] | None = 
         tokens_per_correct=generated / correct if correct else None,
         reached=reached,
     )
+
+
+def limited(record: ProblemRecord) -> bool:
+    """A token or time limit decided what was scored (stopped the run, or ruled out its last stage)."""
+    if record.stop_reason != "complete":
+        return True
+    stages = [int(s["round"]) for s in record.rounds if s.get("kind") != "final"]
+    return record.scored_round is not None and bool(stages) and record.scored_round != max(stages)
 
 
 def _generated(record: ProblemRecord) -> int:

@@ -110,7 +110,7 @@ def load_run(path: Path) -> RunData:
 def accuracy(run: RunData, metric: str, round_index: int | None = None) -> dict[str, float | None]:
     """A metric's value over the planned problems with its 95% interval; none at all (``None``) where
     nothing finished, rather than a zero-width "0.0 [0.0, 0.0]"."""
-    if not run.summary.finished:
+    if not (run.summary.finished or run.summary.unscored):
         return {"value": None, "low": None, "high": None}
     per = units(run.plan, metric, round_index)
     bounds = interval_units(list(per.values()))

@@ -307,11 +307,12 @@ class Evaluation:
         dicts = [s.to_dict() for s in scores]
         position = scored_stage(dicts, result.stop_reason, config.token_budget)
         answer = result.answer
-        if result.stop_reason == "complete":
+        last = max((i for i, s in enumerate(scores) if s.kind != "final"), default=None)
+        if result.stop_reason == "complete" and position == last:
             chosen = graded.get(result.selected, False) if result.selected else False
         elif position is None:  # no stage fit the limit: nothing is scored, and the report says so
             chosen, answer = False, None
-        else:  # a stopped run answers with the stage it is scored on, decided by rule (see scored_stage)
+        else:  # a limit decided the stage: its majority answers, by rule (see scored_stage)
             chosen, winner = scores[position].majority, stages[position][1]
             answer = winner.answer if winner is not None else None
         population = scores[position] if position is not None else None
