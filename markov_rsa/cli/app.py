@@ -187,6 +187,9 @@ def eval_command(
             raise ConfigError("limit", "--limit, --repeats and --concurrency must be at least 1")
         chosen = benchmark(task)
         config = o.build_config(preset, backend_opts.embedded, **options, task=chosen.kind)
+        from markov_rsa.evals.log import check_writable
+
+        check_writable(out)
         if chosen.kind == "code" and not unsafe_no_sandbox:
             from markov_rsa.evals.grading.sandbox import Sandbox
 

@@ -270,6 +270,22 @@ class JsonlWriter:
             self._handle.close()
 
 
+def check_writable(out: Path) -> None:
+    """Fail at once, before anything is loaded or generated, where ``out`` cannot hold a run."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise out_error(out, exc) from None
+    if not out.is_dir():
+        raise ConfigError("out", f"{out} is a file, not a run directory; use another --out")
+    try:
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise out_error(out, exc) from None
+
+
 @contextlib.contextmanager
 def locked(out: Path) -> Iterator[None]:
     """Hold the directory's lock for the body; a second writer gets a clear error at once."""

@@ -185,8 +185,13 @@ class Evaluation:
         identity = self.spec.identity(self.backend, self.problems)
         if previous is not None:
             check_resumable(self.out, previous, identity, force=self.spec.force)
-            if self.spec.name and previous.get("name") != self.spec.name:  # a new name is a new label, nothing more
-                write_atomic(self.out / RUN_FILE, json.dumps({**previous, "name": self.spec.name}, indent=2))
+            updated = dict(previous)
+            if self.spec.name:  # a new name is a new label, nothing more
+                updated["name"] = self.spec.name
+            if self.spec.force:  # resumed anyway: reports divide by the plan that now runs
+                updated["plan"] = identity["plan"]
+            if updated != previous:
+                write_atomic(self.out / RUN_FILE, json.dumps(updated, indent=2))
         else:
             info = self.backend.info
             write_atomic(self.out / RUN_FILE, json.dumps({
@@ -286,21 +291,29 @@ class Evaluation:
             ))
 
         key = (problem.id, repeat)
-        async with contextlib.aclosing(engine.stream(problem_text(problem))) as events:
-            async for event in events:
-                if isinstance(event, CandidateFinished):
-                    self.progress.tokens += event.candidate.usage.generated_tokens
-                    pending.append(asyncio.create_task(grade_and_log(event.candidate)))
-                elif isinstance(event, RoundProgress):
-                    self.progress.streaming[key] = event.tokens
-                    if self._notify is not None:
-                        self._notify(self.progress)
-                elif isinstance(event, RoundStarted):
-                    self.progress.streaming.pop(key, None)
-                elif isinstance(event, RunFinished):
-                    result = event.result
-        self.progress.streaming.pop(key, None)
-        await asyncio.gather(*pending)
+        try:
+            async with contextlib.aclosing(engine.stream(problem_text(problem))) as events:
+                async for event in events:
+                    if isinstance(event, CandidateFinished):
+                        self.progress.tokens += event.candidate.usage.generated_tokens
+                        pending.append(asyncio.create_task(grade_and_log(event.candidate)))
+                    elif isinstance(event, RoundProgress):
+                        self.progress.streaming[key] = event.tokens
+                        if self._notify is not None:
+                            self._notify(self.progress)
+                    elif isinstance(event, RoundStarted):
+                        self.progress.streaming.pop(key, None)
+                    elif isinstance(event, RunFinished):
+                        result = event.result
+            outcomes = await asyncio.gather(*pending, return_exceptions=True)
+        finally:  # stopped part-way (another problem could not write, an interrupt): no task is left behind
+            self.progress.streaming.pop(key, None)
+            for job in pending:
+                job.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if failure is not None:
+            raise failure
         assert result is not None
         stages = [await self._round_score(r, graded, task) for r in result.rounds]
         scores = [score for score, _ in stages]
