@@ -109,31 +109,63 @@ def test_published_figures_are_shown_beside_runs_and_marked(report):
     assert "91.9 (published)" in md and "## Published figures" in md
 
 
-def test_report_html_reads_right_in_a_browser(report, tmp_path):
-    """Headless Chromium loads the page: no request leaves it, every figure shows, every table fits."""
-    out, _ = report
-    probe = """<script>
+BROWSER_PROBE = """<script>
 window.addEventListener('load', () => {
   const outside = performance.getEntriesByType('resource').map(e => e.name)
     .filter(n => !n.startsWith('data:') && !n.startsWith('file:'));
   const images = [...document.images].map(i => i.complete && i.naturalWidth > 0);
-  const tables = [...document.querySelectorAll('table')].map(t => t.scrollWidth <= document.body.clientWidth + 1);
-  document.title = JSON.stringify({outside, images, tables});
+  const tables = [...document.querySelectorAll('table')]
+    .map(t => t.parentElement.clientWidth <= document.body.clientWidth + 1);
+  const page = document.documentElement.scrollWidth <= window.innerWidth + 1;
+  // A word split across lines has more than one box: list every such word ("proble ms").
+  const broken = [];
+  for (const cell of document.querySelectorAll('th, td')) {
+    const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      for (const m of node.textContent.matchAll(/\\S+/g)) {
+        const range = document.createRange();
+        range.setStart(node, m.index);
+        range.setEnd(node, m.index + m[0].length);
+        const lines = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+        if (lines.size > 1) broken.push(m[0]);
+      }
+    }
+  }
+  document.title = JSON.stringify({outside, images, tables, page, broken});
 });
 </script></body>"""
-    page = tmp_path / "check.html"
-    page.write_text((out / "report.html").read_text().replace("</body>", probe))
+
+
+def browse(page: Path, width: int) -> dict:
     result = subprocess.run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", f"--user-data-dir={tempfile.mkdtemp()}",
-         "--window-size=1280,900", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+         f"--window-size={width},900", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
         capture_output=True, text=True, timeout=120,
     )
     title = result.stdout.split("<title>", 1)[1].split("</title>", 1)[0].replace("&quot;", '"')
-    seen = json.loads(title)
+    return json.loads(html_unescape(title))
+
+
+def html_unescape(text: str) -> str:
+    import html
+
+    return html.unescape(text)
+
+
+@pytest.mark.parametrize("width", [1280, 800])
+def test_report_html_reads_right_in_a_browser(report, tmp_path, width):
+    """Headless Chromium loads the page: no request leaves it, every figure shows, every table fits (or
+    scrolls inside its own box), and no word in a table is broken across lines, at 1280 and 800 px."""
+    out, _ = report
+    page = tmp_path / "check.html"
+    page.write_text((out / "report.html").read_text().replace("</body>", BROWSER_PROBE))
+    seen = browse(page, width)
     assert seen["outside"] == [], "the report loads nothing from outside"
     assert len(seen["images"]) == 3 and all(seen["images"]), "every figure shows"
     assert seen["tables"] and all(seen["tables"]), "every table fits the page"
+    assert seen["page"], "the page itself never scrolls sideways"
+    assert seen["broken"] == [], f"words broken across lines: {seen['broken'][:10]}"
 
 
 # -- runs ---------------------------------------------------------------------------------------

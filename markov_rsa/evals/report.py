@@ -195,14 +195,30 @@ def results_table(runs: list[RunData], published: list[Published] | None = None)
                      *(_with_interval(run.figures["metrics"][key]) for key, _, _ in METRICS),
                      f"{s.tokens_per_problem:,.0f}", f"{s.seconds_per_problem:.1f}", incomplete(run) or "none"])
     for p in published or []:
-        rows.append(["published", p.task, p.method, p.model, "", f"{_pct(p.accuracy)} (published)", "", "", "", "",
-                     "", ""])
+        rows.append(["published", p.task, p.method, p.model, str(p.problems or ""), f"{_pct(p.accuracy)} (published)",
+                     "", "", "", "", "", "see Published figures"])
     return rows
 
 
-def published_table(published: list[Published]) -> list[list[str]]:
-    rows = [["task", "model", "method", "accuracy", "source"]]
-    rows += [[p.task, p.model, p.method, _pct(p.accuracy), p.source] for p in published]
+def published_table(published: list[Published], runs: list[RunData] | None = None) -> list[list[str]]:
+    rows = [["task", "model", "method", "setting", "metric", "accuracy", "problems", "source", "beside"]]
+    for p in published:
+        subsets = [f"{run.name} covers {run.summary.planned} of {p.problems}" for run in runs or []
+                   if run.task == p.task and p.problems and run.summary.planned < p.problems]
+        rows.append([p.task, p.model, p.method, p.setting, p.metric, _pct(p.accuracy),
+                     str(p.problems or ""), p.source, "; ".join(subsets) + (" (a subset)" if subsets else "")])
+    return rows
+
+
+def compute_table(runs: list[RunData]) -> list[list[str]]:
+    """What each run cost: a reader must see that RSA's accuracy is bought with tokens."""
+    rows = [["run", "task", "prompt tokens/problem", "generated tokens/problem", "generated tokens per correct answer",
+             "s/problem"]]
+    for run in runs:
+        s = run.summary
+        per_correct = "– (none correct)" if s.tokens_per_correct is None else f"{s.tokens_per_correct:,.0f}"
+        rows.append([run.name, run.task, f"{s.prompt_tokens_per_problem:,.0f}", f"{s.tokens_per_problem:,.0f}",
+                     per_correct, f"{s.seconds_per_problem:.1f}"])
     return rows
 
 
@@ -226,9 +242,17 @@ def problems_table(runs: list[RunData]) -> list[list[str]]:
         cells = []
         for column in columns:
             cell = column.get(pid)
-            cells.append("–" if cell is None else f"{_pct(cell['avg_at_n'])} {'✓' if cell['final'] >= 0.5 else '✗'}")
+            if cell is None:
+                cells.append("–")
+                continue
+            text = f"{_pct(cell['avg_at_n'])} {'✓' if cell['final'] >= 0.5 else '✗'}"
+            unclean = [status for status in cell.get("status", []) if status != "finished"]
+            cells.append(text + (f" ({', '.join(STATUS_WORDS[s] for s in unclean)})" if unclean else ""))
         rows.append([pid, *cells])
     return rows
+
+
+STATUS_WORDS = {"failed": "failed", "missing": "not finished", "unscored": "no round fit the limit"}
 
 
 def _markdown(rows: list[list[str]]) -> str:
@@ -237,10 +261,16 @@ def _markdown(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _cell(text: str) -> str:
+    """A cell's text; a word with a hyphen is kept whole ("ZAYA1-8B" never ends a line at "ZAYA1-")."""
+    return " ".join(f'<span class="nw">{html.escape(word)}</span>' if "-" in word else html.escape(word)
+                    for word in text.split(" "))
+
+
 def _html_table(rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    head = "".join(f"<th>{_cell(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _plots(runs: list[RunData]) -> dict[str, bytes]:
@@ -258,7 +288,8 @@ def _plots(runs: list[RunData]) -> dict[str, bytes]:
         return buffer.getvalue()
 
     figures: dict[str, bytes] = {}
-    data = [(run, [r for r in run_json(run)["rounds"] if r["kind"] != "final"]) for run in runs]
+    data = [(run, [r for r in run_json(run)["rounds"] if r["kind"] != "final" and r["avg_at_n"] is not None
+                   and r["avg_at_n_low"] is not None]) for run in runs]
     for name, xkey, xlabel in (("accuracy_per_round", "round", "round (0 = independent rollouts)"),
                                ("accuracy_vs_tokens", "cumulative_tokens",
                                 "generated tokens per problem (cumulative)")):
@@ -302,7 +333,8 @@ def report_json(runs: list[RunData], published: list[Published], figures: list[s
         "format": 1,
         "runs": [run_json(run) for run in runs],
         "published": [{"task": p.task, "model": p.model, "method": p.method, "accuracy": p.accuracy,
-                       "source": p.source} for p in published],
+                       "source": p.source, "setting": p.setting, "metric": p.metric, "problems": p.problems}
+                      for p in published],
         "figures": [f"{name}.png" for name in figures],
     }
 
@@ -329,10 +361,11 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[Path, Path]:
     table, per_round, per_problem_rows = results_table(runs, published), rounds_table(runs), problems_table(runs)
     credit = MATH_CREDIT if any(run.config.get("task") != "code" for run in runs) else ""
     sections: list[tuple[str, list[list[str]]]] = [("Accuracy by round", per_round),
+                                                   ("Compute", compute_table(runs)),
                                                    ("Per problem (final population % correct; ✓ returned answer "
                                                     "correct)", per_problem_rows)]
     if published:
-        sections.insert(0, ("Published figures", published_table(published)))
+        sections.insert(0, ("Published figures", published_table(published, runs)))
     md = "\n\n".join([
         "# Markovian RSA results", LEGEND, _markdown(table),
         *(f"## {title}\n\n{_markdown(rows)}" for title, rows in sections),
@@ -349,7 +382,9 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[Path, Path]:
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>body{{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;padding:0 1em}}
 table{{border-collapse:collapse;margin:1em 0;width:100%;table-layout:auto;font-size:.85em}}
-th,td{{border:1px solid #ccc;padding:.25em .5em;text-align:right;overflow-wrap:anywhere}}th{{background:#f3f3f3}}
+th,td{{border:1px solid #ccc;padding:.25em .5em;text-align:right;overflow-wrap:normal;word-break:normal;
+hyphens:none}}th{{background:#f3f3f3}}.scroll{{overflow-x:auto;max-width:100%}}
+.nw{{white-space:nowrap}}
 td:first-child,th:first-child{{text-align:left}}figure{{display:inline-block;margin:.5em;max-width:100%}}
 img{{max-width:100%;height:auto}}</style></head><body>
 <h1>Markovian RSA results</h1><p>{html.escape(LEGEND)}</p>{_html_table(table)}{body}{images}
