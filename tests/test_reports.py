@@ -285,3 +285,47 @@ def test_the_server_is_library_code():
     assert create_app.__module__ == "markov_rsa.server.app"
     assert build_backend(BackendOptions(base_url=("http://127.0.0.1:9/v1",), model="m")).info.kind == "openai"
     assert not list((Path(__file__).parent.parent / "markov_rsa" / "cli").glob("serve.py"))
+
+
+# -- paired comparison ----------------------------------------------------------------------------
+def test_two_runs_compare_paired_with_a_known_p_value(tmp_path):
+    """Eight shared problems: the second model gets five right that the first gets wrong and none the
+    other way (two both right, one neither), so exact McNemar gives p = 2 * 0.5**5 = 0.0625."""
+    import asyncio
+
+    items = load_task("aime25", DATASETS)[:8]
+
+    def reply(body):
+        text = json.dumps(body["messages"])
+        index = next(i for i, p in enumerate(items) if json.dumps(p.problem)[1:40] in text)
+        right = index >= 6 or (body["model"] == "better" and index < 5)
+        return f"so \\boxed{{{items[index].answer if right else 'nope'}}}"
+
+    server = FaultServer(reply=reply)
+    config = RSAConfig(population=1, k=1, rounds=0, budget=50, tail=10, seed=1)
+    with serve_app(server.app()) as url, MathGrader() as grader:
+        for name, model, size in (("base", "plain", 8), ("better", "better", 8)):
+            backend = OpenAIBackend(f"{url}/v1", model=model, retry=FAST)
+            spec = EvalSpec("aime25", config.replace(population=2 if name == "better" else 1), name=name)
+            asyncio.run(Evaluation(spec, backend, items[:size], tmp_path / name, math_grader=grader).run())
+            asyncio.run(backend.aclose())
+    write_report([tmp_path / "base", tmp_path / "better"], tmp_path / "report")
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    [final, avg] = data["comparisons"]
+    assert final["shared"] == 8 and final["test"] == "exact McNemar"
+    assert sorted(final["only_run"]) == sorted(p.id for p in items[:5]) and final["only_baseline"] == []
+    assert final["p_value"] == pytest.approx(0.0625) and final["difference"] == pytest.approx(5 / 8)
+    assert avg["metric"] == "avg" and avg["difference"] == pytest.approx(5 / 8)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Paired comparison" in md and "| 0.0625 |" in md
+    assert "## Settings that differ" in md and '| base | better | model | "plain" | "better" |' in md
+    assert '| base | better | population | 1 | 2 |' in md
+
+
+def test_paired_tests_match_their_definitions():
+    from markov_rsa.evals.compare import mcnemar_exact, sign_flip
+
+    assert mcnemar_exact(0, 5) == pytest.approx(0.0625) and mcnemar_exact(3, 3) == 1.0
+    assert mcnemar_exact(1, 9) == pytest.approx(2 * (1 + 10) / 2**10)
+    assert sign_flip([0.5, 0.5, 0.5]) == pytest.approx(2 / 8), "only all-plus and all-minus are as extreme"
+    assert sign_flip([0.0, 0.0]) == 1.0

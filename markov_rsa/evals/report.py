@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from markov_rsa.errors import ConfigError
+from markov_rsa.evals.compare import Comparison, compare, config_diff
 from markov_rsa.evals.intervals import interval_units
 from markov_rsa.evals.log import PROBLEMS_FILE, RUN_FILE, ProblemRecord, read_meta, read_problems
 from markov_rsa.evals.metrics import Planned, Summary, mean, plan_of, problem_means, summarise, units
@@ -210,6 +211,41 @@ def published_table(published: list[Published], runs: list[RunData] | None = Non
     return rows
 
 
+def pairs(runs: list[RunData]) -> list[tuple[RunData, RunData]]:
+    """Each run paired with the first run given for its task (the baseline)."""
+    first: dict[str, RunData] = {}
+    out = []
+    for run in runs:
+        if run.task in first:
+            out.append((first[run.task], run))
+        else:
+            first[run.task] = run
+    return out
+
+
+def comparisons(runs: list[RunData]) -> list[Comparison]:
+    return [compare(a, b, metric) for a, b in pairs(runs) for metric in ("final", "avg")]
+
+
+def comparison_table(runs: list[RunData]) -> list[list[str]]:
+    rows = [["baseline", "run", "metric", "shared problems", "baseline %", "run %", "difference", "only baseline right",
+             "only run right", "test", "p-value"]]
+    for c in comparisons(runs):
+        label = "final" if c.metric == "final" else "avg@N"
+        better = (len(c.only_baseline), len(c.only_run)) if c.metric == "final" else ("", "")
+        shared = f"{c.shared}" + (f" ({c.unshared} not shared, left out)" if c.unshared else "")
+        rows.append([c.baseline, c.run, label, shared, _pct(c.baseline_value), _pct(c.run_value),
+                     f"{100 * c.difference:+.1f}", str(better[0]), str(better[1]), c.test, f"{c.p_value:.4g}"])
+    return rows
+
+
+def config_diff_table(runs: list[RunData]) -> list[list[str]]:
+    rows = [["baseline", "run", "setting", "baseline value", "run value"]]
+    for a, b in pairs(runs):
+        rows += [[a.name, b.name, key, json.dumps(was), json.dumps(now)] for key, (was, now) in config_diff(a, b).items()]
+    return rows
+
+
 def compute_table(runs: list[RunData]) -> list[list[str]]:
     """What each run cost: a reader must see that RSA's accuracy is bought with tokens."""
     rows = [["run", "task", "prompt tokens/problem", "generated tokens/problem", "generated tokens per correct answer",
@@ -336,6 +372,7 @@ def report_json(runs: list[RunData], published: list[Published], figures: list[s
                        "source": p.source, "setting": p.setting, "metric": p.metric, "problems": p.problems}
                       for p in published],
         "figures": [f"{name}.png" for name in figures],
+        "comparisons": [c.to_dict() for c in comparisons(runs)],
     }
 
 
@@ -366,6 +403,9 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[Path, Path]:
                                                     "correct)", per_problem_rows)]
     if published:
         sections.insert(0, ("Published figures", published_table(published, runs)))
+    if pairs(runs):
+        sections += [("Paired comparison (problems both runs planned)", comparison_table(runs)),
+                     ("Settings that differ", config_diff_table(runs))]
     md = "\n\n".join([
         "# Markovian RSA results", LEGEND, _markdown(table),
         *(f"## {title}\n\n{_markdown(rows)}" for title, rows in sections),
