@@ -329,3 +329,49 @@ def test_paired_tests_match_their_definitions():
     assert mcnemar_exact(1, 9) == pytest.approx(2 * (1 + 10) / 2**10)
     assert sign_flip([0.5, 0.5, 0.5]) == pytest.approx(2 / 8), "only all-plus and all-minus are as extreme"
     assert sign_flip([0.0, 0.0]) == 1.0
+
+
+# -- export and inspection --------------------------------------------------------------------------
+def test_samples_export_to_csv_parquet_and_pandas_in_natural_order(runs, tmp_path):
+    import csv
+
+    import pyarrow.parquet as pq
+
+    from markov_rsa.evals.samples import COLUMNS, samples_df
+
+    frame = samples_df(runs / "rsa-a")
+    assert list(frame.columns) == list(COLUMNS) and len(frame) == 6 * 4 * 2, "6 problems, 4 candidates, 2 rounds"
+    ids = list(dict.fromkeys(frame["problem_id"]))
+    assert ids == [f"aime_2025_I_{i}" for i in range(1, 7)]
+    assert set(frame["round"]) == {0, 1} and frame["correct"].dtype == bool
+    assert (frame.groupby("problem_id")["returned_correct"].nunique() == 1).all()
+    out = subprocess.run([sys.executable, "-m", "markov_rsa.cli.app", "export", str(runs / "rsa-a"), "--out",
+                          str(tmp_path / "s.csv"), "--no-texts"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    with (tmp_path / "s.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(frame) and rows[0]["text"] == "" and rows[0]["problem_id"] == "aime_2025_I_1"
+    out = subprocess.run([sys.executable, "-m", "markov_rsa.cli.app", "export", str(runs / "rsa-a"), "--out",
+                          str(tmp_path / "s.parquet")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    table = pq.read_table(tmp_path / "s.parquet")
+    assert table.num_rows == len(frame) and "Thinking." in table.column("text")[0].as_py()
+
+
+def test_natural_problem_order():
+    from markov_rsa.evals.report import natural_key
+
+    assert sorted(["II_10", "II_2", "II_1", "I_3"], key=natural_key) == ["II_1", "II_2", "II_10", "I_3"]
+
+
+def test_the_per_sample_view_reads_right_in_a_browser(report, tmp_path):
+    out, _ = report
+    page = out / "samples-rsa-a.html"
+    text = page.read_text()
+    assert "aime_2025_I_1 (repeat 0)" in text and "round 1:" in text and "<details>" in text
+    assert 'href="samples-rsa-a.html"' in (out / "report.html").read_text()
+    check = tmp_path / "samples.html"
+    check.write_text(text.replace("</body>", BROWSER_PROBE))
+    seen = browse(check, 800)
+    assert seen["outside"] == [] and seen["page"], "nothing from outside; no sideways scrolling"
+    assert seen["broken"] == [], f"words broken across lines: {seen['broken'][:10]}"

@@ -232,6 +232,27 @@ def report(
     run_cli(body)
 
 
+@app.command("export")
+def export_command(
+    run: Annotated[Path, typer.Argument(help="A run directory written by rsa eval.")],
+    out: Annotated[Path, typer.Option(help="samples.csv or samples.parquet: one row per candidate.")],
+    texts: Annotated[bool, typer.Option(help="Include each candidate's full text and reasoning.")] = True,
+    log_level: LogLevel = "warning",
+    log_file: LogFile = None,
+) -> None:
+    """Export a run's samples (every candidate, with its grade and its problem's outcome) to CSV or Parquet;
+    in Python, markov_rsa.evals.samples.samples_df(RUN) loads them into pandas."""
+
+    def body() -> None:
+        setup_logging(log_level, log_file)
+        from markov_rsa.evals.samples import export_samples
+
+        count = export_samples(run, out, texts=texts)
+        Console(stderr=True).print(f"wrote {count} samples to {out}", highlight=False)
+
+    run_cli(body)
+
+
 @app.command()
 def show(
     run: Annotated[Path, typer.Argument(help="A run directory written by rsa eval.")],

@@ -242,7 +242,8 @@ def comparison_table(runs: list[RunData]) -> list[list[str]]:
 def config_diff_table(runs: list[RunData]) -> list[list[str]]:
     rows = [["baseline", "run", "setting", "baseline value", "run value"]]
     for a, b in pairs(runs):
-        rows += [[a.name, b.name, key, json.dumps(was), json.dumps(now)] for key, (was, now) in config_diff(a, b).items()]
+        rows += [[a.name, b.name, key, json.dumps(was), json.dumps(now)]
+                 for key, (was, now) in config_diff(a, b).items()]
     return rows
 
 
@@ -411,6 +412,14 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[Path, Path]:
         *(f"## {title}\n\n{_markdown(rows)}" for title, rows in sections),
         *(f"![{name}]({name}.png)" for name in plots), credit,
     ]).strip() + "\n"
+    from markov_rsa.evals.samples import samples_html
+
+    views = {}
+    for run in runs:  # one per-sample page per run, linked from the report
+        views[run.name] = f"samples-{re.sub(r'[^A-Za-z0-9_.-]+', '_', run.name)}.html"
+        (out / views[run.name]).write_text(samples_html(run.path), encoding="utf-8")
+    links = "Per-sample views: " + ", ".join(f"[{name}]({file})" for name, file in views.items())
+    md = md.replace("\n\n## ", f"\n\n{links}\n\n## ", 1)
     md_path = out / "report.md"
     md_path.write_text(md, encoding="utf-8")
     images = "".join(
@@ -418,6 +427,7 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[Path, Path]:
         for name, png in plots.items()
     )
     body = "".join(f"<h2>{html.escape(title)}</h2>{_html_table(rows)}" for title, rows in sections)
+    link_html = ", ".join(f'<a href="{html.escape(file)}">{html.escape(name)}</a>' for name, file in views.items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Markovian RSA results</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>body{{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;padding:0 1em}}
@@ -427,7 +437,8 @@ hyphens:none}}th{{background:#f3f3f3}}.scroll{{overflow-x:auto;max-width:100%}}
 .nw{{white-space:nowrap}}
 td:first-child,th:first-child{{text-align:left}}figure{{display:inline-block;margin:.5em;max-width:100%}}
 img{{max-width:100%;height:auto}}</style></head><body>
-<h1>Markovian RSA results</h1><p>{html.escape(LEGEND)}</p>{_html_table(table)}{body}{images}
+<h1>Markovian RSA results</h1><p>{html.escape(LEGEND)}</p>{_html_table(table)}<p>Per-sample views: {link_html}</p>
+{body}{images}
 <p><small>{html.escape(credit)}</small></p></body></html>"""
     html_path = out / "report.html"
     html_path.write_text(page, encoding="utf-8")
