@@ -236,3 +236,19 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path):
     assert proc.returncode == 130
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert "run the same command again to resume" in err
+
+
+# -- #14 progress where people watch it -------------------------------------------------------------
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
+    import re
+
+    server = FaultServer(delay=0.25, reply=lambda body: "\\boxed{70}")
+    with serve_app(server.app()) as url:
+        out = rsa("eval", "aime25", "--data-dir", str(DATASETS), "--base-url", f"{url}/v1", "--model", "m",
+                  "--population", "2", "--k", "2", "--rounds", "1", "--budget", "40", "--tail", "10", "--seed", "1",
+                  "--out", str(tmp_path / "run"), "--limit", "4", "--concurrency", "1", "--progress-every", "0.3")
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if re.match(r"aime25: \d/4 done, [\d.]+ problems/min, ", line)]
+    assert len(lines) >= 2, out.stderr
+    assert lines[-1].startswith("aime25: 4/4 done") and "0.0 min left" in lines[-1]
+    assert "\x1b[" not in out.stderr and "━" not in out.stderr, "no bar redraws in a log"

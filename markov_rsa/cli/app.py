@@ -159,6 +159,8 @@ def eval_command(
     )] = False,
     force: Annotated[bool, typer.Option(
         help="Resume OUT even though it holds a run of another model, backend, prompt set or version.")] = False,
+    progress_every: Annotated[float, typer.Option(
+        help="Seconds between plain progress lines when stderr is not a terminal (nohup, job logs).")] = 30.0,
     since: Annotated[str | None, typer.Option(help="LiveCodeBench: contest_date on or after YYYY-MM-DD.")] = None,
     until: Annotated[str | None, typer.Option(help="LiveCodeBench: contest_date on or before YYYY-MM-DD.")] = None,
     backend: o.BackendKind = "auto",
@@ -185,6 +187,8 @@ def eval_command(
 
         if repeats < 1 or concurrency < 1 or (limit is not None and limit < 1):
             raise ConfigError("limit", "--limit, --repeats and --concurrency must be at least 1")
+        if not progress_every > 0:
+            raise ConfigError("progress_every", "must be a positive number of seconds")
         chosen = benchmark(task)
         config = o.build_config(preset, backend_opts.embedded, **options, task=chosen.kind)
         from markov_rsa.evals.log import check_writable
@@ -200,7 +204,7 @@ def eval_command(
         backend = o.build_backend(backend_opts)
         code = run_evaluation(task, config, backend, problems, out, limit=limit, repeats=repeats,
                               concurrency=concurrency, isolation="rlimits" if unsafe_no_sandbox else "bwrap",
-                              force=force, name=name, command=tuple(sys.argv),
+                              force=force, name=name, command=tuple(sys.argv), progress_every=progress_every,
                               data={"data_dir": str(data_dir) if data_dir else os.environ.get("MARKOV_RSA_DATA_DIR"),
                                     "release": release, "since": since, "until": until})
         if json_output:
@@ -266,7 +270,7 @@ def show(
         setup_logging(log_level, log_file)
         from markov_rsa.cli.show import show_run
 
-        show_run(run, problem, Console(width=max(100, Console().width)))
+        show_run(run, problem, Console())  # the terminal's own width
 
     run_cli(body)
 

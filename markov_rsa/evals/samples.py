@@ -39,7 +39,7 @@ def sample_rows(run_dir: Path, *, texts: bool = True) -> list[dict[str, Any]]:
             "returned_correct": p.correct, "stop_reason": p.stop_reason, "scored_round": p.scored_round,
             "text": c.text if texts else None, "reasoning": c.reasoning if texts else None,
         })
-    rows.sort(key=lambda r: (natural_key(r["problem_id"]), r["repeat"], r["round"], r["index"]))
+    rows.sort(key=lambda r: (natural_key(str(r["problem_id"])), r["repeat"], r["round"], r["index"]))
     return rows
 
 
