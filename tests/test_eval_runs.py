@@ -231,6 +231,7 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path):
         while len(list(read_jsonl(tmp_path / "run" / "problems.jsonl"))) < 3:  # the graders are up
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.1)
+        time.sleep(2)  # grading workers past their start-up (a worker still importing cannot ignore SIGINT yet)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends: the whole process group
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130

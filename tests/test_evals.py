@@ -520,9 +520,10 @@ def test_rsa_eval_and_report_end_to_end_on_the_embedded_model(tmp_path, demo_dir
     )
     assert report.returncode == 0, report.stderr
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| aime25 | demo (N2 K2 T1 β16 τ8)" in md and "MathArena" in md
+    assert "| aime25 | demo, modified (N2 K2 T1 β16 τ8" in md and "MathArena" in md, "overrides are not the preset"
     page = (tmp_path / "rep" / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3, "two plots and the per-problem heatmap"
+    assert (tmp_path / "rep" / "samples-run.html").is_file(), "the per-sample view"
     assert (tmp_path / "rep" / "accuracy_per_round.png").stat().st_size > 1000
 
 
