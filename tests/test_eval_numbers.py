@@ -81,6 +81,14 @@ def test_a_problem_that_fails_upstream_scores_wrong_over_the_planned_set_and_is_
     row = dict(zip(*results_table([run]), strict=True))
     assert row["problems"] == "6 (5 finished)" and "1 failed (scored wrong)" in row["incomplete"]
     assert row["final"].startswith("83.3 [")
+    from rich.console import Console
+
+    from markov_rsa.cli.show import show_run
+
+    console = Console(record=True, width=120)
+    show_run(tmp_path, None, console)
+    shown = console.export_text()
+    assert "failed" in shown and shown.index("aime_2025_I_2") < shown.index("aime_2025_I_3")
     down["on"] = False  # the endpoint recovers: the resume retries the failed problem, and only it
     before = len(backend.requests)
     evaluate(spec, backend, items, tmp_path)
