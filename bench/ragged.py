@@ -83,7 +83,7 @@ def bench_ragged(model_dir: Path, datasets: Path) -> dict[str, Any]:
 
 def _eval_rates(backend: Any, datasets: Path) -> tuple[float, float]:
     """Generated tokens/s of an AIME evaluation (N=4, K=2, T=1), one problem at a time and all at once."""
-    from markov_rsa.evals.datasets import load_task
+    from markov_rsa.evals.benchmarks import load_task
     from markov_rsa.evals.grading.math import MathGrader
     from markov_rsa.evals.runner import EvalSpec, Evaluation
 

@@ -356,7 +356,8 @@ def bench_tails(model_dir: Path) -> dict[str, Any]:
 
 # -- 5. grading and harness ---------------------------------------------------------------------------
 def bench_grading() -> dict[str, Any]:
-    from markov_rsa.evals.datasets import MATH_SETS, load_lcb, load_task
+    from markov_rsa.evals.benchmarks import load_task
+    from markov_rsa.evals.datasets import MATH_SETS, load_lcb
     from markov_rsa.evals.grading.code import CodeGrader
     from markov_rsa.evals.grading.math import MathGrader
     from markov_rsa.evals.runner import EvalSpec, Evaluation

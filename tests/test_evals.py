@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import pickle
@@ -18,7 +19,8 @@ import pytest
 
 from markov_rsa import ConfigError, RSAConfig
 from markov_rsa.backends.openai import OpenAIBackend
-from markov_rsa.evals.datasets import MATH_SETS, decode_private_tests, lcb_problem, load_lcb, load_task
+from markov_rsa.evals.benchmarks import load_task
+from markov_rsa.evals.datasets import MATH_SETS, decode_private_tests, lcb_problem, load_lcb
 from markov_rsa.evals.grading.code import CodeGrader, functional_matches, stdin_matches
 from markov_rsa.evals.grading.math import MathGrader
 from markov_rsa.evals.grading.sandbox import Sandbox, SandboxLimits, bwrap_works
@@ -211,18 +213,48 @@ def test_pass_at_k_unbiased_estimator():
 
 
 def test_summary_reduces_rounds_and_repeats():
-    def record(pid, rounds, correct):
+    def record(pid, rounds, correct, repeat=0):
         scores = [{"round": i, "kind": "initial" if i == 0 else "aggregate", "n": 4, "correct": c,
                    "majority": c > 2, "completion_tokens": 100, "avg": c / 4, "pass_at_n": float(c > 0)}
                   for i, c in enumerate(rounds)]
-        return ProblemRecord(attempt="a1", problem_id=pid, repeat=0, task="aime25", rounds=scores,
+        return ProblemRecord(attempt="a1", problem_id=pid, repeat=repeat, task="aime25", rounds=scores,
                              population=scores[-1], correct=correct, completion_tokens=100 * len(rounds), seconds=2.0)
 
-    summary = summarise([record("a", [1, 3], True), record("b", [0, 2], False), record("a", [2, 4], True)])
-    assert summary.problems == 2 and summary.final == pytest.approx(2 / 3)
-    assert summary.avg_at_n == pytest.approx((3 + 2 + 4) / 12)
-    assert [r[2] for r in summary.rounds] == [pytest.approx(3 / 12), pytest.approx(9 / 12)]
+    summary = summarise([record("a", [1, 3], True), record("b", [0, 2], False), record("a", [2, 4], True, 1)])
+    # Repeats are averaged within a problem first, then problems: "a" (two repeats) weighs as much as "b".
+    assert summary.problems == 2 and summary.final == pytest.approx(1 / 2)
+    assert summary.avg_at_n == pytest.approx(((3 / 4 + 4 / 4) / 2 + 2 / 4) / 2)
+    assert [r[2] for r in summary.rounds] == [pytest.approx((3 / 8 + 0) / 2), pytest.approx(summary.avg_at_n)]
     assert [r[5] for r in summary.rounds] == [100, 200]
+
+
+def test_unequal_repeats_give_one_avg_for_the_headline_and_its_round_row():
+    """The headline avg@N and the same stage's round row are one reduction, with one interval."""
+    from markov_rsa.evals.report import run_json
+
+    def record(pid, correct, repeat):
+        score = {"round": 0, "kind": "initial", "n": 4, "correct": correct, "majority": correct > 2,
+                 "completion_tokens": 40}
+        return ProblemRecord(attempt=f"{pid}{repeat}", problem_id=pid, repeat=repeat, task="aime25", rounds=[score],
+                             population=score, correct=correct > 2, scored_round=0)
+
+    records = [record("p1", 4, 0), record("p1", 4, 1), record("p1", 3, 2), record("p2", 1, 0), record("p3", 2, 0),
+               record("p3", 0, 1)]
+    run = _run_data(records)
+    data = run_json(run)
+    [row] = data["rounds"]
+    headline = data["metrics"]["avg_at_n"]
+    assert row["avg_at_n"] == pytest.approx(headline["value"])
+    assert (row["avg_at_n_low"], row["avg_at_n_high"]) == (headline["low"], headline["high"])
+    assert "repeats 1-3 per problem" in data["incomplete"]
+
+
+def _run_data(records, planned=None, repeats=None, config=None):
+    from markov_rsa.evals.report import RunData, method_label
+
+    config = (config or RSAConfig(population=4, k=2, rounds=0)).to_dict()
+    return RunData(Path("run"), "run", method_label(config), "aime25", config, {"model": "m"},
+                   summarise(records, planned, repeats), records, planned, repeats)
 
 
 # -- runs --------------------------------------------------------------------------------------------
@@ -272,7 +304,7 @@ import asyncio, sys
 from pathlib import Path
 from markov_rsa import RSAConfig
 from markov_rsa.backends.openai import OpenAIBackend
-from markov_rsa.evals.datasets import load_task
+from markov_rsa.evals.benchmarks import load_task
 from markov_rsa.evals.runner import EvalSpec, Evaluation
 url, out, data = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 backend = OpenAIBackend(url, model="m")
@@ -332,28 +364,55 @@ class Named:
         self.info = BackendInfo(kind=kind, model=model)
 
 
+def _edited(item, **changes):
+    import dataclasses
+
+    return dataclasses.replace(item, **changes)
+
+
 @pytest.mark.parametrize(("change", "named"), [
     ({"model": "other-model"}, "model"),
     ({"kind": "transformers"}, "backend"),
     ({"config": RSAConfig(budget=300, tail=20)}, "RSA settings (budget)"),
     ({"config": RSAConfig(prompt_version="1")}, "RSA settings (prompt_version)"),
     ({"version": "0.0.1"}, "markov-rsa version"),
+    # What the data was: its selection, its content (a checksum of every planned problem), the plan.
+    ({"data": {"release": "v5"}}, "data (release)"),
+    ({"data": {"since": "2024-01-01"}}, "data (since)"),
+    ({"problems": lambda ps: [_edited(ps[0], answer="71")]}, "data (sha256)"),
+    ({"problems": lambda ps: [_edited(ps[0], problem=ps[0].problem + " ")]}, "data (sha256)"),
+    ({"data": {"data_dir": None}}, "data (source)"),
+    ({"problems": lambda ps: load_task("aime25", DATASETS)[:2]}, "problem set"),
 ])
 def test_resume_refuses_a_directory_of_another_run_and_says_what_differs(tmp_path, monkeypatch, change, named):
     import markov_rsa.evals.runner as runner
 
     problems = load_task("aime25", DATASETS)[:1]
-    spec = EvalSpec("aime25", RSAConfig())
+    data = {"data_dir": str(DATASETS)}
+    spec = EvalSpec("aime25", RSAConfig(), data=data)
     Evaluation(spec, Named(), problems, tmp_path, math_grader=object())._prepare()  # type: ignore[arg-type]
-    assert json.loads((tmp_path / "run.json").read_text())["format"] == 2
+    assert json.loads((tmp_path / "run.json").read_text())["format"] == 3
     if "version" in change:
         monkeypatch.setattr(runner, "__version__", change["version"])
     backend = Named(change.get("kind", "openai"), change.get("model", "m"))
-    again = EvalSpec("aime25", change.get("config", RSAConfig()))
+    again = EvalSpec("aime25", change.get("config", RSAConfig()), data={**data, **change.get("data", {})})
+    mine = change["problems"](problems) if "problems" in change else problems
     with pytest.raises(ConfigError, match=re.escape(f"another {named}")):
-        Evaluation(again, backend, problems, tmp_path, math_grader=object())._prepare()  # type: ignore[arg-type]
-    forced = EvalSpec("aime25", change.get("config", RSAConfig()), force=True)
-    Evaluation(forced, backend, problems, tmp_path, math_grader=object())._prepare()  # type: ignore[arg-type]
+        Evaluation(again, backend, mine, tmp_path, math_grader=object())._prepare()  # type: ignore[arg-type]
+    forced = dataclasses.replace(again, force=True)
+    Evaluation(forced, backend, mine, tmp_path, math_grader=object())._prepare()  # type: ignore[arg-type]
+
+
+def test_resume_refuses_another_isolation(tmp_path):
+    """A sandboxed code run resumed with --unsafe-no-sandbox would be graded unsandboxed under a run.json
+    that says bwrap: refused, as is the converse."""
+    problems = load_lcb(DATASETS / "livecodebench")
+    config = RSAConfig(task="code")
+    Evaluation(EvalSpec("lcb", config), Named(), problems, tmp_path, code_grader=object())._prepare()  # type: ignore[arg-type]
+    assert json.loads((tmp_path / "run.json").read_text())["isolation"] == "bwrap"
+    unsafe = EvalSpec("lcb", config, isolation="rlimits")
+    with pytest.raises(ConfigError, match=re.escape("another isolation: 'bwrap', this run 'rlimits'")):
+        Evaluation(unsafe, Named(), problems, tmp_path, code_grader=object())._prepare()  # type: ignore[arg-type]
 
 
 def test_two_writers_on_one_directory_are_refused(tmp_path):
@@ -461,9 +520,10 @@ def test_rsa_eval_and_report_end_to_end_on_the_embedded_model(tmp_path, demo_dir
     )
     assert report.returncode == 0, report.stderr
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| aime25 | demo (N2 K2 T1 β16 τ8)" in md and "MathArena" in md
+    assert "| aime25 | demo, modified (N2 K2 T1 β16 τ8" in md and "MathArena" in md, "overrides are not the preset"
     page = (tmp_path / "rep" / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3, "two plots and the per-problem heatmap"
+    assert (tmp_path / "rep" / "samples-run.html").is_file(), "the per-sample view"
     assert (tmp_path / "rep" / "accuracy_per_round.png").stat().st_size > 1000
 
 
@@ -487,7 +547,7 @@ def hub_cache(root: Path, repo_id: str, files: dict[str, bytes]) -> None:
 
 LOAD_FROM_HUB = """
 import json, sys
-from markov_rsa.evals.datasets import load_task
+from markov_rsa.evals.benchmarks import load_task
 print(json.dumps({name: [(p.id, p.answer, p.meta.get("revision")) for p in load_task(*args, **kw)]
                   for name, args, kw in json.loads(sys.argv[1])}))
 """

@@ -17,8 +17,8 @@ import pytest
 
 from markov_rsa import RSAConfig
 from markov_rsa.backends.openai import OpenAIBackend
-from markov_rsa.evals.benchmarks import BENCHMARKS, Benchmark, Grader, register, unregister
-from markov_rsa.evals.datasets import Problem, load_lcb, load_task
+from markov_rsa.evals.benchmarks import BENCHMARKS, Benchmark, Grader, load_task, register, unregister
+from markov_rsa.evals.datasets import Problem, load_lcb
 from markov_rsa.evals.grading.code import CodeGrader
 from markov_rsa.evals.grading.math import MathGrader
 from markov_rsa.evals.intervals import bootstrap, clopper_pearson, interval
@@ -109,31 +109,63 @@ def test_published_figures_are_shown_beside_runs_and_marked(report):
     assert "91.9 (published)" in md and "## Published figures" in md
 
 
-def test_report_html_reads_right_in_a_browser(report, tmp_path):
-    """Headless Chromium loads the page: no request leaves it, every figure shows, every table fits."""
-    out, _ = report
-    probe = """<script>
+BROWSER_PROBE = """<script>
 window.addEventListener('load', () => {
   const outside = performance.getEntriesByType('resource').map(e => e.name)
     .filter(n => !n.startsWith('data:') && !n.startsWith('file:'));
   const images = [...document.images].map(i => i.complete && i.naturalWidth > 0);
-  const tables = [...document.querySelectorAll('table')].map(t => t.scrollWidth <= document.body.clientWidth + 1);
-  document.title = JSON.stringify({outside, images, tables});
+  const tables = [...document.querySelectorAll('table')]
+    .map(t => t.parentElement.clientWidth <= document.body.clientWidth + 1);
+  const page = document.documentElement.scrollWidth <= window.innerWidth + 1;
+  // A word split across lines has more than one box: list every such word ("proble ms").
+  const broken = [];
+  for (const cell of document.querySelectorAll('th, td')) {
+    const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      for (const m of node.textContent.matchAll(/\\S+/g)) {
+        const range = document.createRange();
+        range.setStart(node, m.index);
+        range.setEnd(node, m.index + m[0].length);
+        const lines = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+        if (lines.size > 1) broken.push(m[0]);
+      }
+    }
+  }
+  document.title = JSON.stringify({outside, images, tables, page, broken});
 });
 </script></body>"""
-    page = tmp_path / "check.html"
-    page.write_text((out / "report.html").read_text().replace("</body>", probe))
+
+
+def browse(page: Path, width: int) -> dict:
     result = subprocess.run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", f"--user-data-dir={tempfile.mkdtemp()}",
-         "--window-size=1280,900", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+         f"--window-size={width},900", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
         capture_output=True, text=True, timeout=120,
     )
     title = result.stdout.split("<title>", 1)[1].split("</title>", 1)[0].replace("&quot;", '"')
-    seen = json.loads(title)
+    return json.loads(html_unescape(title))
+
+
+def html_unescape(text: str) -> str:
+    import html
+
+    return html.unescape(text)
+
+
+@pytest.mark.parametrize("width", [1280, 800])
+def test_report_html_reads_right_in_a_browser(report, tmp_path, width):
+    """Headless Chromium loads the page: no request leaves it, every figure shows, every table fits (or
+    scrolls inside its own box), and no word in a table is broken across lines, at 1280 and 800 px."""
+    out, _ = report
+    page = tmp_path / "check.html"
+    page.write_text((out / "report.html").read_text().replace("</body>", BROWSER_PROBE))
+    seen = browse(page, width)
     assert seen["outside"] == [], "the report loads nothing from outside"
     assert len(seen["images"]) == 3 and all(seen["images"]), "every figure shows"
     assert seen["tables"] and all(seen["tables"]), "every table fits the page"
+    assert seen["page"], "the page itself never scrolls sideways"
+    assert seen["broken"] == [], f"words broken across lines: {seen['broken'][:10]}"
 
 
 # -- runs ---------------------------------------------------------------------------------------
@@ -253,3 +285,93 @@ def test_the_server_is_library_code():
     assert create_app.__module__ == "markov_rsa.server.app"
     assert build_backend(BackendOptions(base_url=("http://127.0.0.1:9/v1",), model="m")).info.kind == "openai"
     assert not list((Path(__file__).parent.parent / "markov_rsa" / "cli").glob("serve.py"))
+
+
+# -- paired comparison ----------------------------------------------------------------------------
+def test_two_runs_compare_paired_with_a_known_p_value(tmp_path):
+    """Eight shared problems: the second model gets five right that the first gets wrong and none the
+    other way (two both right, one neither), so exact McNemar gives p = 2 * 0.5**5 = 0.0625."""
+    import asyncio
+
+    items = load_task("aime25", DATASETS)[:8]
+
+    def reply(body):
+        text = json.dumps(body["messages"])
+        index = next(i for i, p in enumerate(items) if json.dumps(p.problem)[1:40] in text)
+        right = index >= 6 or (body["model"] == "better" and index < 5)
+        return f"so \\boxed{{{items[index].answer if right else 'nope'}}}"
+
+    server = FaultServer(reply=reply)
+    config = RSAConfig(population=1, k=1, rounds=0, budget=50, tail=10, seed=1)
+    with serve_app(server.app()) as url, MathGrader() as grader:
+        for name, model, size in (("base", "plain", 8), ("better", "better", 8)):
+            backend = OpenAIBackend(f"{url}/v1", model=model, retry=FAST)
+            spec = EvalSpec("aime25", config.replace(population=2 if name == "better" else 1), name=name)
+            asyncio.run(Evaluation(spec, backend, items[:size], tmp_path / name, math_grader=grader).run())
+            asyncio.run(backend.aclose())
+    write_report([tmp_path / "base", tmp_path / "better"], tmp_path / "report")
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    [final, avg] = data["comparisons"]
+    assert final["shared"] == 8 and final["test"] == "exact McNemar"
+    assert sorted(final["only_run"]) == sorted(p.id for p in items[:5]) and final["only_baseline"] == []
+    assert final["p_value"] == pytest.approx(0.0625) and final["difference"] == pytest.approx(5 / 8)
+    assert avg["metric"] == "avg" and avg["difference"] == pytest.approx(5 / 8)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Paired comparison" in md and "| 0.0625 |" in md
+    assert "## Settings that differ" in md and '| base | better | model | "plain" | "better" |' in md
+    assert '| base | better | population | 1 | 2 |' in md
+
+
+def test_paired_tests_match_their_definitions():
+    from markov_rsa.evals.compare import mcnemar_exact, sign_flip
+
+    assert mcnemar_exact(0, 5) == pytest.approx(0.0625) and mcnemar_exact(3, 3) == 1.0
+    assert mcnemar_exact(1, 9) == pytest.approx(2 * (1 + 10) / 2**10)
+    assert sign_flip([0.5, 0.5, 0.5]) == pytest.approx(2 / 8), "only all-plus and all-minus are as extreme"
+    assert sign_flip([0.0, 0.0]) == 1.0
+
+
+# -- export and inspection --------------------------------------------------------------------------
+def test_samples_export_to_csv_parquet_and_pandas_in_natural_order(runs, tmp_path):
+    import csv
+
+    import pyarrow.parquet as pq
+
+    from markov_rsa.evals.samples import COLUMNS, samples_df
+
+    frame = samples_df(runs / "rsa-a")
+    assert list(frame.columns) == list(COLUMNS) and len(frame) == 6 * 4 * 2, "6 problems, 4 candidates, 2 rounds"
+    ids = list(dict.fromkeys(frame["problem_id"]))
+    assert ids == [f"aime_2025_I_{i}" for i in range(1, 7)]
+    assert set(frame["round"]) == {0, 1} and frame["correct"].dtype == bool
+    assert (frame.groupby("problem_id")["returned_correct"].nunique() == 1).all()
+    out = subprocess.run([sys.executable, "-m", "markov_rsa.cli.app", "export", str(runs / "rsa-a"), "--out",
+                          str(tmp_path / "s.csv"), "--no-texts"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    with (tmp_path / "s.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(frame) and rows[0]["text"] == "" and rows[0]["problem_id"] == "aime_2025_I_1"
+    out = subprocess.run([sys.executable, "-m", "markov_rsa.cli.app", "export", str(runs / "rsa-a"), "--out",
+                          str(tmp_path / "s.parquet")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    table = pq.read_table(tmp_path / "s.parquet")
+    assert table.num_rows == len(frame) and "Thinking." in table.column("text")[0].as_py()
+
+
+def test_natural_problem_order():
+    from markov_rsa.evals.report import natural_key
+
+    assert sorted(["II_10", "II_2", "II_1", "I_3"], key=natural_key) == ["II_1", "II_2", "II_10", "I_3"]
+
+
+def test_the_per_sample_view_reads_right_in_a_browser(report, tmp_path):
+    out, _ = report
+    page = out / "samples-rsa-a.html"
+    text = page.read_text()
+    assert "aime_2025_I_1 (repeat 0)" in text and "round 1:" in text and "<details>" in text
+    assert 'href="samples-rsa-a.html"' in (out / "report.html").read_text()
+    check = tmp_path / "samples.html"
+    check.write_text(text.replace("</body>", BROWSER_PROBE))
+    seen = browse(check, 800)
+    assert seen["outside"] == [] and seen["page"], "nothing from outside; no sideways scrolling"
+    assert seen["broken"] == [], f"words broken across lines: {seen['broken'][:10]}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -61,7 +62,7 @@ def print_error(message: object) -> None:
     Console(stderr=True).print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
-def run_cli(body: Callable[[], T]) -> T:
+def run_cli(body: Callable[[], T], *, interrupted: str = "interrupted") -> T:
     """Run a command body; library errors, and an optional package that is not installed, become one line
     on stderr with the error's exit code."""
     try:
@@ -76,7 +77,7 @@ def run_cli(body: Callable[[], T]) -> T:
         print_error(missing)
         raise typer.Exit(missing.exit_code) from None
     except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted")
+        Console(stderr=True).print(interrupted, highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
 
 
@@ -166,13 +167,16 @@ def eval_command(
     data_dir: Annotated[
         Path | None, typer.Option(help="Local JSONL copies of the sets instead of the Hub ($MARKOV_RSA_DATA_DIR).")
     ] = None,
-    release: Annotated[str, typer.Option(help="LiveCodeBench release (v1..v6).")] = "v6",
+    release: Annotated[str | None, typer.Option(
+        help="LiveCodeBench release (v1..v6; default v6), on the Hub or a local copy in the Hub's layout.")] = None,
     unsafe_no_sandbox: Annotated[bool, typer.Option(
         "--unsafe-no-sandbox",
         help="LiveCodeBench: run untrusted programs without bubblewrap (rlimits only; a program can escape).",
     )] = False,
     force: Annotated[bool, typer.Option(
         help="Resume OUT even though it holds a run of another model, backend, prompt set or version.")] = False,
+    progress_every: Annotated[float, typer.Option(
+        help="Seconds between plain progress lines when stderr is not a terminal (nohup, job logs).")] = 30.0,
     since: Annotated[str | None, typer.Option(help="LiveCodeBench: contest_date on or after YYYY-MM-DD.")] = None,
     until: Annotated[str | None, typer.Option(help="LiveCodeBench: contest_date on or before YYYY-MM-DD.")] = None,
     backend: o.BackendKind = "auto",
@@ -196,12 +200,17 @@ def eval_command(
     def body() -> None:
         setup_logging(log_level, log_file)
         from markov_rsa.cli.evaluate import run_evaluation
-        from markov_rsa.evals.datasets import load_task
+        from markov_rsa.evals.benchmarks import load_task
 
         if repeats < 1 or concurrency < 1 or (limit is not None and limit < 1):
             raise ConfigError("limit", "--limit, --repeats and --concurrency must be at least 1")
+        if not progress_every > 0:
+            raise ConfigError("progress_every", "must be a positive number of seconds")
         chosen = benchmark(task)
         config = o.build_config(preset, backend_opts.embedded, **options, task=chosen.kind)
+        from markov_rsa.evals.log import check_writable
+
+        check_writable(out)
         if chosen.kind == "code" and not unsafe_no_sandbox:
             from markov_rsa.evals.grading.sandbox import Sandbox
 
@@ -212,14 +221,17 @@ def eval_command(
         backend = o.build_backend(backend_opts)
         code = run_evaluation(task, config, backend, problems, out, limit=limit, repeats=repeats,
                               concurrency=concurrency, isolation="rlimits" if unsafe_no_sandbox else "bwrap",
-                              force=force, name=name)
+                              force=force, name=name, command=tuple(sys.argv), progress_every=progress_every,
+                              data={"data_dir": str(data_dir) if data_dir else os.environ.get("MARKOV_RSA_DATA_DIR"),
+                                    "release": release, "since": since, "until": until})
         if json_output:
             from markov_rsa.evals.report import load_run, run_json
 
             sys.stdout.write(json.dumps(run_json(load_run(out)), indent=2) + "\n")
         raise typer.Exit(code)
 
-    run_cli(body)
+    run_cli(body, interrupted="interrupted; finished problems are kept in "
+                              f"{out}: run the same command again to resume")
 
 
 @app.command()
@@ -241,6 +253,27 @@ def report(
     run_cli(body)
 
 
+@app.command("export")
+def export_command(
+    run: Annotated[Path, typer.Argument(help="A run directory written by rsa eval.")],
+    out: Annotated[Path, typer.Option(help="samples.csv or samples.parquet: one row per candidate.")],
+    texts: Annotated[bool, typer.Option(help="Include each candidate's full text and reasoning.")] = True,
+    log_level: LogLevel = "warning",
+    log_file: LogFile = None,
+) -> None:
+    """Export a run's samples (every candidate, with its grade and its problem's outcome) to CSV or Parquet;
+    in Python, markov_rsa.evals.samples.samples_df(RUN) loads them into pandas."""
+
+    def body() -> None:
+        setup_logging(log_level, log_file)
+        from markov_rsa.evals.samples import export_samples
+
+        count = export_samples(run, out, texts=texts)
+        Console(stderr=True).print(f"wrote {count} samples to {out}", highlight=False)
+
+    run_cli(body)
+
+
 @app.command()
 def show(
     run: Annotated[Path, typer.Argument(help="A run directory written by rsa eval.")],
@@ -254,7 +287,7 @@ def show(
         setup_logging(log_level, log_file)
         from markov_rsa.cli.show import show_run
 
-        show_run(run, problem, Console(width=max(100, Console().width)))
+        show_run(run, problem, Console())  # the terminal's own width
 
     run_cli(body)
 
@@ -316,7 +349,6 @@ def serve(
     The RSA flags (--preset, --population, --time-limit...) set what extended_compute requests run; the
     --max-* flags cap what any request may ask for."""
     import dataclasses
-    import os
 
     options = dict(rsa or {})
     preset = options.pop("preset", None)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from markov_rsa.errors import ConfigError
 from markov_rsa.evals.log import CANDIDATES_FILE, PROBLEMS_FILE, read_candidates, read_problems
-from markov_rsa.evals.report import load_run
+from markov_rsa.evals.report import load_run, natural_key
 from markov_rsa.rsa.answers import normalize_answer
 
 
@@ -29,10 +29,13 @@ def show_run(path: Path, problem: str | None, console: Console) -> None:
         table = Table(title=f"{run.name}: {run.task}, {run.label}", title_justify="left")
         for column in ("problem", "repeat", "gold", "answer", "final", "population", "tokens"):
             table.add_column(column, justify="left" if column in ("problem", "answer", "gold") else "right")
-        for r in records:
-            table.add_row(r.problem_id, str(r.repeat), _short(r.gold, 16), _short(r.answer, 20),
-                          "✓" if r.correct else "✗", f"{100 * float(r.population.get('avg', 0)):.0f}%",
-                          f"{r.completion_tokens:,}")
+        for r in sorted(records, key=lambda r: (natural_key(r.problem_id), r.repeat)):
+            outcome = "failed" if r.error else ("✓" if r.correct else "✗")
+            if r.failed_generations:
+                outcome += f" ({r.failed_generations} gens failed)"
+            table.add_row(r.problem_id, str(r.repeat), _short(r.gold, 16), _short(r.answer, 20), outcome,
+                          f"{100 * float(r.population.get('avg', 0)):.0f}%",
+                          f"{r.generated_tokens or r.completion_tokens:,}")
         console.print(table)
         return
     chosen = [r for r in records if r.problem_id == problem]

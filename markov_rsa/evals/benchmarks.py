@@ -85,9 +85,20 @@ def benchmark(name: str) -> Benchmark:
 
 def _math_loader(name: str) -> Callable[..., list[Problem]]:
     def load(data_dir: str | Path | None = None, **options: Any) -> list[Problem]:
+        given = [key for key, value in options.items() if value is not None]
+        if given:  # a filter that would do nothing is an error, not a silent no-op
+            raise ConfigError(given[0], f"--{given[0]} applies to LiveCodeBench (lcb) only, not to {name}")
         return load_math(name, data_dir)
 
     return load
+
+
+def load_task(
+    task: str, data_dir: str | Path | None = None, *, release: str | None = None, since: str | None = None,
+    until: str | None = None,
+) -> list[Problem]:
+    """The problems of a registered benchmark; options a benchmark cannot apply are refused by its loader."""
+    return benchmark(task).load(data_dir, release=release, since=since, until=until)
 
 
 for _name, _set in MATH_SETS.items():

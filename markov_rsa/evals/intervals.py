@@ -3,6 +3,12 @@
 Where every problem scores 0 or 1 (one repeat of a yes/no measure: maj@N, pass@N, final), the exact
 binomial (Clopper-Pearson) interval applies; otherwise (avg@N, fractions per problem, repeats) a
 percentile bootstrap over problems, seeded so a report is reproducible.
+
+A plain bootstrap over per-problem means has zero width whenever every problem scores the same
+fraction (three problems each at 2/3 give "66.7 [66.7, 66.7]"), which claims a certainty the run
+does not have. :func:`interval_units` therefore resamples at every level the data has: problems,
+then each problem's repeats, then (binomially) the trials within a repeat. Nothing measured has no
+interval at all (``None``), never ``[0, 0]``.
 """
 
 from __future__ import annotations
@@ -53,6 +59,44 @@ def bootstrap(values: Sequence[float], level: float = LEVEL, resamples: int = 40
     means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
     low = means[int((1 - level) / 2 * resamples)]
     high = means[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return low, high
+
+
+def interval_units(problems: Sequence[Sequence[tuple[int, int]]], level: float = LEVEL, resamples: int = 2000,
+                   seed: int = 0) -> tuple[float, float] | None:
+    """A 95% interval for the mean over problems of each problem's mean over repeats of successes/trials.
+
+    ``problems`` holds, per problem, one (successes, trials) unit per repeat. Every problem at 0 or 1:
+    the exact binomial interval over problems. Otherwise a hierarchical bootstrap: problems, then
+    repeats within each, then a binomial draw of each repeat's trials at its observed rate."""
+    groups = [[(c, t) for c, t in units if t > 0] for units in problems]
+    groups = [g for g in groups if g]
+    if not groups:
+        return None
+    values = [sum(c / t for c, t in g) / len(g) for g in groups]
+    if all(v in (0.0, 1.0) for v in values):
+        return clopper_pearson(int(sum(values)), len(values), level)
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n, width = len(groups), max(len(g) for g in groups)
+    sizes = np.array([len(g) for g in groups])
+    successes = np.zeros((n, width), dtype=np.int64)
+    trials = np.ones((n, width), dtype=np.int64)
+    for i, g in enumerate(groups):
+        for j, (c, t) in enumerate(g):
+            successes[i, j], trials[i, j] = c, t
+    picked = rng.integers(0, n, size=(resamples, n))                      # problems
+    counts = sizes[picked]
+    repeat = np.minimum((rng.random((resamples, n, width)) * counts[..., None]).astype(np.int64), width - 1)
+    valid = np.arange(width)[None, None, :] < counts[..., None]          # a problem's own number of repeats
+    c = successes[picked[..., None], repeat]
+    t = trials[picked[..., None], repeat]
+    drawn = rng.binomial(t, c / t) / t                                    # trials within a repeat
+    problem = np.where(valid, drawn, 0.0).sum(axis=2) / counts
+    means = np.sort(problem.mean(axis=1))
+    low = float(means[int((1 - level) / 2 * resamples)])
+    high = float(means[min(resamples - 1, int((1 + level) / 2 * resamples))])
     return low, high
 
 

@@ -1,11 +1,17 @@
 """The run directory's on-disk format, owned here: its version, its writer, its reader and its lock.
 
 A run directory holds ``run.json`` (what ran: format version, task, method, backend, prompts,
-package version, isolation), ``candidates.jsonl`` (one line per graded candidate, appended and
-flushed as it finishes) and ``problems.jsonl`` (one line per problem and repeat once all of it is
-done). Only one process writes a directory at a time (``run.lock``). Readers tolerate what a kill
-leaves behind: a line cut short, even inside a UTF-8 character, is skipped, and a record written
-twice (same problem, repeat and attempt) counts once.
+package version, isolation, the data and the planned problems, provenance), ``candidates.jsonl``
+(one line per graded candidate, appended and flushed as it finishes) and ``problems.jsonl`` (one
+line per problem and repeat once all of it is done, or once it failed). Only one process writes a
+directory at a time (``run.lock``). Readers tolerate what a kill leaves behind: a line cut short,
+even inside a UTF-8 character, is skipped, and a record written twice (same problem, repeat and
+attempt) counts once.
+
+A run directory holds one run: resuming checks everything that changes a score, and its files are
+never followed through symbolic links (a link planted in the directory could otherwise make a run
+append to, or truncate, a file elsewhere). A directory that cannot be written (a file, read-only,
+a full disk) is one error naming it; what was written before stays.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import os
+import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,22 +32,63 @@ from typing import Any, TextIO
 
 from markov_rsa.errors import ConfigError
 
-#: Version 2 added the format field itself, the package version, prompt fingerprints and isolation.
-FORMAT_VERSION = 2
+#: Version 2 added the format field itself, the package version, prompt fingerprints and isolation;
+#: version 3 the data, the planned problems, failed-attempt records and provenance.
+FORMAT_VERSION = 3
 RUN_FILE, CANDIDATES_FILE, PROBLEMS_FILE, LOCK_FILE = "run.json", "candidates.jsonl", "problems.jsonl", "run.lock"
 
 #: What must match for a directory to be resumed, and how each difference is named in the error.
 IDENTITY_FIELDS = {
     "task": "task", "config": "RSA settings", "repeats": "--repeats", "backend": "backend", "model": "model",
-    "prompts": "prompt set", "package_version": "markov-rsa version",
+    "prompts": "prompt set", "package_version": "markov-rsa version", "isolation": "isolation",
+    "plan": "problem set", "data": "data",
 }
+
+
+def out_error(path: Path, exc: OSError) -> ConfigError:
+    """An OS error on the run directory as one line naming it (finished records stay where they are)."""
+    if exc.errno == errno.ELOOP:
+        return ConfigError("out", f"{path} is a symbolic link; a run directory's files are never followed through "
+                                  "links: remove it or use another --out")
+    reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+              errno.EROFS: "it is on a read-only file system", errno.EACCES: "permission denied",
+              errno.EPERM: "permission denied", errno.ENOTDIR: "a path component is a file, not a directory",
+              errno.EEXIST: "it exists and is not a directory"}.get(exc.errno or 0, exc.strerror or str(exc))
+    return ConfigError("out", f"cannot write {path}: {reason}; finished problems are kept, so free the space or "
+                              "fix the location and run the same command again, or use another --out")
+
+
+def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that refuses a symbolic link (as the error from :func:`out_error`)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        raise out_error(path, exc) from None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step (a link in its place is replaced, never followed)."""
+    try:
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+    except OSError as exc:
+        raise out_error(path, exc) from None
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """Records of a JSONL log; a line cut short by a killed writer (even mid-character) is skipped."""
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return
-    with path.open("rb") as handle:
+    with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as handle:
         for raw in handle:
             try:
                 record = json.loads(raw.decode("utf-8"))
@@ -50,19 +99,18 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def read_problems(path: Path) -> list[ProblemRecord]:
-    """Problem records, each (problem, repeat) once: the first complete record wins."""
-    seen: set[tuple[Any, Any]] = set()
-    records = []
+    """Problem records, each (problem, repeat) once: the first complete record wins; where none is
+    complete (the attempt failed, or some generations failed), the latest attempt stands."""
+    chosen: dict[tuple[Any, Any], ProblemRecord] = {}
     for data in read_jsonl(path):
         try:
             record = ProblemRecord.from_dict(data)
         except TypeError:  # a record without its required fields
             continue
         key = (record.problem_id, record.repeat)
-        if key not in seen:
-            seen.add(key)
-            records.append(record)
-    return records
+        if key not in chosen or not chosen[key].complete:
+            chosen[key] = record
+    return list(chosen.values())
 
 
 def read_candidates(path: Path, attempts: set[str] | None = None) -> list[CandidateRecord]:
@@ -168,6 +216,19 @@ class ProblemRecord:
     seed: int | None = None
     stop_reason: str = "complete"
     selection: str = "majority"
+    #: The attempt failed (the error, shortened); it scores wrong and a resume retries it.
+    error: str | None = None
+    #: Generations that failed after retries (they neither count as wrong nor right; a resume retries).
+    failed_generations: int = 0
+    #: Every token generated, those of cancelled or failed streams included.
+    generated_tokens: int = 0
+    #: The stage that was scored as the population (``None``: none fit, so the problem scores wrong).
+    scored_round: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Finished with every generation: nothing for a resume to redo."""
+        return self.error is None and not self.failed_generations
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -181,30 +242,60 @@ class JsonlWriter:
     """An append-only JSONL file, flushed per record so a killed process loses no finished line."""
 
     def __init__(self, path: Path) -> None:
-        if path.exists() and path.stat().st_size:
-            with path.open("rb") as handle:
-                handle.seek(-1, 2)
-                torn = handle.read(1) != b"\n"
-        else:
-            torn = False
-        self._handle: TextIO = path.open("a", encoding="utf-8")
+        self.path = path
+        fd = open_nofollow(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+        try:
+            size = os.fstat(fd).st_size
+            torn = bool(size) and os.pread(fd, 1, size - 1) != b"\n"
+            self._handle: TextIO = os.fdopen(fd, "a", encoding="utf-8")
+        except OSError as exc:
+            os.close(fd)
+            raise out_error(path, exc) from None
         if torn:  # a line cut short by a kill: end it so the next record starts clean
-            self._handle.write("\n")
+            self._put("\n")
+
+    def _put(self, text: str) -> None:
+        try:
+            self._handle.write(text)
+            self._handle.flush()
+        except OSError as exc:
+            raise out_error(self.path, exc) from None
 
     def write(self, record: dict[str, Any] | CandidateRecord | ProblemRecord) -> None:
         data = record if isinstance(record, dict) else record.to_dict()
-        self._handle.write(json.dumps(data, ensure_ascii=False) + "\n")
-        self._handle.flush()
+        self._put(json.dumps(data, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
-        self._handle.close()
+        with contextlib.suppress(OSError):  # a full disk already reported by write
+            self._handle.close()
+
+
+def check_writable(out: Path) -> None:
+    """Fail at once, before anything is loaded or generated, where ``out`` cannot hold a run."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise out_error(out, exc) from None
+    if not out.is_dir():
+        raise ConfigError("out", f"{out} is a file, not a run directory; use another --out")
+    try:
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise out_error(out, exc) from None
 
 
 @contextlib.contextmanager
 def locked(out: Path) -> Iterator[None]:
     """Hold the directory's lock for the body; a second writer gets a clear error at once."""
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise out_error(out, exc) from None
+    if not out.is_dir():
+        raise ConfigError("out", f"{out} is a file, not a run directory; use another --out")
+    fd = open_nofollow(out / LOCK_FILE, os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -212,8 +303,11 @@ def locked(out: Path) -> Iterator[None]:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
             raise ConfigError("out", f"{out} is being written by another rsa eval (pid {holder}); wait for it "
                                      "to finish or use another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as exc:
+            raise out_error(out / LOCK_FILE, exc) from None
         yield
     finally:
         os.close(fd)  # closing releases the lock
@@ -221,10 +315,11 @@ def locked(out: Path) -> Iterator[None]:
 
 def read_meta(out: Path) -> dict[str, Any] | None:
     path = out / RUN_FILE
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as handle:
+            meta = json.loads(handle.read(16 * 2**20).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ConfigError("out", f"{path} is damaged; use a new --out") from None
     if not isinstance(meta, dict):

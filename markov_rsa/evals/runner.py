@@ -1,29 +1,36 @@
 """Evaluation runs: problems solved concurrently, every candidate logged as it finishes, resumable.
 
 The directory's format belongs to :mod:`markov_rsa.evals.log`. Re-running on the same directory
-skips every (problem, repeat) already in ``problems.jsonl``, provided the task, method, backend,
-prompts and package version match (or ``force``); candidates of an attempt that was killed before
-its problem line was written carry an attempt id no problem line names, so readers ignore them.
+skips every (problem, repeat) already complete in ``problems.jsonl``, provided everything that
+changes a score matches (task, method, backend, prompts, package version, isolation, the data and
+the planned problems; or ``force``); an attempt that failed, or that had generations fail, is
+retried. Candidates of an attempt that was killed before its problem line was written carry an
+attempt id no problem line names, so readers ignore them.
+
+``run.json`` records the plan (the problems and repeats a report divides by), the seed (drawn and
+recorded when none was given, so the run can be repeated) and where the numbers came from.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import secrets
 import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from markov_rsa import __version__
 from markov_rsa.backends.base import Backend
-from markov_rsa.errors import BackendRequestError
+from markov_rsa.errors import BackendRequestError, ConfigError
 from markov_rsa.evals.benchmarks import BENCHMARKS, benchmark
-from markov_rsa.evals.datasets import Problem
+from markov_rsa.evals.datasets import Problem, problems_digest
 from markov_rsa.evals.grading.code import CodeGrader
 from markov_rsa.evals.grading.math import MathGrader
 from markov_rsa.evals.grading.sandbox import Isolation, Sandbox
@@ -39,13 +46,15 @@ from markov_rsa.evals.log import (
     locked,
     read_meta,
     read_problems,
+    write_atomic,
 )
-from markov_rsa.evals.metrics import RoundScore, round_score
+from markov_rsa.evals.metrics import RoundScore, round_score, scored_stage
+from markov_rsa.evals.provenance import provenance
 from markov_rsa.rsa.config import RSAConfig
 from markov_rsa.rsa.engine import MarkovianRSA, derive_seed
 from markov_rsa.rsa.events import CandidateFinished, RoundProgress, RoundStarted, RunFinished
 from markov_rsa.rsa.prompts import CODE_PROBLEM_VERSION, code_problem_text, prompt_set
-from markov_rsa.rsa.result import Candidate, RSAResult
+from markov_rsa.rsa.result import Candidate, RoundRecord, RSAResult
 from markov_rsa.rsa.tasks import CodeTask, MathTask, Task
 
 __all__ = ["CANDIDATES_FILE", "PROBLEMS_FILE", "RUN_FILE", "EvalSpec", "Evaluation", "Progress"]
@@ -64,9 +73,14 @@ class EvalSpec:
     force: bool = False
     #: The run's name in reports (default: the directory's name).
     name: str | None = None
+    #: How the problems were selected (``data_dir``, ``release``, ``since``, ``until``), as given.
+    data: Mapping[str, Any] = field(default_factory=dict)
+    #: The command line that started the run (recorded, credentials removed).
+    command: tuple[str, ...] = ()
 
-    def identity(self, backend: Backend) -> dict[str, Any]:
-        """What must match for a directory to be resumed: task, method, backend, prompts, version."""
+    def identity(self, backend: Backend, problems: list[Problem]) -> dict[str, Any]:
+        """What must match for a directory to be resumed: task, method, backend, prompts, version,
+        isolation, the data (its selection and a checksum of every planned problem) and the plan."""
         info = backend.info
         version = self.config.prompt_version
         return {
@@ -75,6 +89,11 @@ class EvalSpec:
             "prompts": {**{name: {"version": ps.version, "fingerprint": ps.fingerprint}
                            for name in ("math", "aime", "code") for ps in [prompt_set(name, version)]},
                         "code_problem": CODE_PROBLEM_VERSION},
+            "isolation": self.isolation if any(p.kind == "code" for p in problems) else None,
+            "data": {"release": self.data.get("release"), "since": self.data.get("since"),
+                     "until": self.data.get("until"), "source": "local" if self.data.get("data_dir") else "hub",
+                     "sha256": problems_digest(problems)},
+            "plan": [p.id for p in problems],
         }
 
 
@@ -91,6 +110,9 @@ class Progress:
     #: Tokens generated so far, counting the streams still running (a long round visibly moves).
     tokens: int = 0
     streaming: dict[tuple[str, int], int] = field(default_factory=dict)
+    #: Generations that failed after retries (their problems are retried on resume).
+    failed_generations: int = 0
+    started: float = field(default_factory=time.monotonic)
 
 
 class PublicTests:
@@ -150,23 +172,38 @@ class Evaluation:
         self.code = code_grader or (CodeGrader(Sandbox(isolation=spec.isolation)) if "code" in kinds else None)
         self.progress = Progress()
         self._notify: Callable[[Progress], None] | None = None
+        self.seed_drawn = False
 
     def _prepare(self) -> set[tuple[str, int]]:
-        identity = self.spec.identity(self.backend)
+        """Check or write ``run.json``; returns the (problem, repeat)s already complete."""
         previous = read_meta(self.out)
+        if self.spec.config.seed is None:  # draw one (or reuse the one drawn before) so the run can be repeated
+            recorded = (previous or {}).get("config", {}).get("seed") if previous else None
+            seed = recorded if isinstance(recorded, int) else secrets.randbelow(2**31)
+            self.spec = dataclasses.replace(self.spec, config=self.spec.config.replace(seed=seed))
+            self.seed_drawn = True
+        identity = self.spec.identity(self.backend, self.problems)
         if previous is not None:
             check_resumable(self.out, previous, identity, force=self.spec.force)
+            updated = dict(previous)
+            if self.spec.name:  # a new name is a new label, nothing more
+                updated["name"] = self.spec.name
+            if self.spec.force:  # resumed anyway: reports divide by the plan that now runs
+                updated["plan"] = identity["plan"]
+            if updated != previous:
+                write_atomic(self.out / RUN_FILE, json.dumps(updated, indent=2))
         else:
             info = self.backend.info
-            (self.out / RUN_FILE).write_text(json.dumps({
+            write_atomic(self.out / RUN_FILE, json.dumps({
                 "format": FORMAT_VERSION, **identity, "name": self.spec.name or self.out.resolve().name,
                 "device": info.device,
-                "isolation": self.code.sandbox.isolation if self.code else None,
                 # The Hub commit each set was read at (none for local --data-dir copies).
                 "data_revisions": sorted({str(p.meta["revision"]) for p in self.problems if p.meta.get("revision")}),
+                "seed_drawn": self.seed_drawn,
+                "provenance": provenance(self.spec.command, info, self.problems, self.spec.data),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }, indent=2), encoding="utf-8")
-        return {(r.problem_id, r.repeat) for r in read_problems(self.out / PROBLEMS_FILE)}
+            }, indent=2))
+        return {(r.problem_id, r.repeat) for r in read_problems(self.out / PROBLEMS_FILE) if r.complete}
 
     async def run(self, on_update: Callable[[Progress], None] | None = None) -> Progress:
         """Run (or resume) the evaluation; only one process may write the directory at a time."""
@@ -191,21 +228,29 @@ class Evaluation:
             async with semaphore:
                 try:
                     record = await self._solve(problem, repeat, candidates)
-                except BackendRequestError:
-                    raise  # a wrong key, model or URL fails every problem alike: stop the run
-                except Exception as exc:  # one problem's failure is reported, the others carry on
+                except (BackendRequestError, ConfigError):
+                    raise  # a wrong key, model or URL, or an --out that cannot be written: stop the run
+                except Exception as exc:  # one problem's failure is recorded (it scores wrong), the others go on
                     self.progress.failed.append(f"{problem.id}#{repeat}: {exc}")
+                    problems.write(ProblemRecord(attempt=uuid.uuid4().hex, problem_id=problem.id, repeat=repeat,
+                                                 task=problem.task, correct=False, gold=problem.answer,
+                                                 error=f"{type(exc).__name__}: {str(exc)[:300]}"))
                     notify(self.progress)
                     return
                 problems.write(record)
                 self.progress.done += 1
                 self.progress.correct += int(record.correct)
+                self.progress.failed_generations += record.failed_generations
                 notify(self.progress)
 
+        tasks = [asyncio.ensure_future(one(p, r)) for p, r in jobs]
         try:
             notify(self.progress)
-            await asyncio.gather(*(one(p, r) for p, r in jobs))
+            await asyncio.gather(*tasks)
         finally:
+            for pending in tasks:  # one that stops the run (or an interrupt) stops the others before files close
+                pending.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             candidates.close()
             problems.close()
         return self.progress
@@ -246,40 +291,67 @@ class Evaluation:
             ))
 
         key = (problem.id, repeat)
-        async with contextlib.aclosing(engine.stream(problem_text(problem))) as events:
-            async for event in events:
-                if isinstance(event, CandidateFinished):
-                    self.progress.tokens += event.candidate.usage.generated_tokens
-                    pending.append(asyncio.create_task(grade_and_log(event.candidate)))
-                elif isinstance(event, RoundProgress):
-                    self.progress.streaming[key] = event.tokens
-                    if self._notify is not None:
-                        self._notify(self.progress)
-                elif isinstance(event, RoundStarted):
-                    self.progress.streaming.pop(key, None)
-                elif isinstance(event, RunFinished):
-                    result = event.result
-        self.progress.streaming.pop(key, None)
-        await asyncio.gather(*pending)
+        try:
+            async with contextlib.aclosing(engine.stream(problem_text(problem))) as events:
+                async for event in events:
+                    if isinstance(event, CandidateFinished):
+                        self.progress.tokens += event.candidate.usage.generated_tokens
+                        pending.append(asyncio.create_task(grade_and_log(event.candidate)))
+                    elif isinstance(event, RoundProgress):
+                        self.progress.streaming[key] = event.tokens
+                        if self._notify is not None:
+                            self._notify(self.progress)
+                    elif isinstance(event, RoundStarted):
+                        self.progress.streaming.pop(key, None)
+                    elif isinstance(event, RunFinished):
+                        result = event.result
+            outcomes = await asyncio.gather(*pending, return_exceptions=True)
+        finally:  # stopped part-way (another problem could not write, an interrupt): no task is left behind
+            self.progress.streaming.pop(key, None)
+            for job in pending:
+                job.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if failure is not None:
+            raise failure
         assert result is not None
-        scores = [await self._round_score(r.index, r.kind, r.candidates, graded, task) for r in result.rounds]
-        population = next(s for s in reversed(scores) if s.kind != "final")
-        chosen = graded.get(result.selected, False) if result.selected else False
+        stages = [await self._round_score(r, graded, task) for r in result.rounds]
+        scores = [score for score, _ in stages]
+        dicts = [s.to_dict() for s in scores]
+        position = scored_stage(dicts, result.stop_reason, config.token_budget)
+        answer = result.answer
+        last = max((i for i, s in enumerate(scores) if s.kind != "final"), default=None)
+        if result.stop_reason == "complete" and position == last:
+            chosen = graded.get(result.selected, False) if result.selected else False
+        elif position is None:  # no stage fit the limit: nothing is scored, and the report says so
+            chosen, answer = False, None
+        else:  # a limit decided the stage: its majority answers, by rule (see scored_stage)
+            chosen, winner = scores[position].majority, stages[position][1]
+            answer = winner.answer if winner is not None else None
+        population = scores[position] if position is not None else None
         return ProblemRecord(
             attempt=attempt, problem_id=problem.id, repeat=repeat, task=problem.task, correct=chosen,
-            rounds=[s.to_dict() for s in scores], population=population.to_dict(),
-            answer=result.answer if problem.kind == "math" else None, gold=problem.answer,
-            completion_tokens=result.usage.generated_tokens, prompt_tokens=result.usage.prompt_tokens,
+            rounds=dicts, population=population.to_dict() if population else {},
+            answer=answer if problem.kind == "math" else None, gold=problem.answer,
+            completion_tokens=result.usage.completion_tokens, prompt_tokens=result.usage.prompt_tokens,
             seconds=round(time.perf_counter() - started, 3), seed=result.seed, stop_reason=result.stop_reason,
-            selection=result.selection,
+            selection=result.selection, failed_generations=sum(s.failed for s in scores),
+            generated_tokens=result.usage.generated_tokens,
+            scored_round=population.round if population else None,
         )
 
     @staticmethod
-    async def _round_score(index: int, kind: str, cands: list[Candidate], graded: dict[tuple[int, int], bool],
-                           task: Task) -> RoundScore:
-        """Scores of one stage; "majority" uses the task's own selection rule (for code: the program
-        passing most public tests, since programs cannot be voted on as strings)."""
+    async def _round_score(stage: RoundRecord, graded: dict[tuple[int, int], bool],
+                           task: Task) -> tuple[RoundScore, Candidate | None]:
+        """Scores of one stage, and the candidate its majority chose; "majority" uses the task's own
+        selection rule (for code: the program passing most public tests) over the generations that ran."""
+        cands = stage.candidates
         correct = [graded.get((c.round, c.index), False) for c in cands]
-        winner, _ = await task.select(cands)
+        ran = [i for i, c in enumerate(cands) if c.ok]
+        picked, _ = await task.select([cands[i] for i in ran]) if ran else (None, 0)
+        winner = ran[picked] if picked is not None else None
         tokens = sum(c.usage.completion_tokens for c in cands)
-        return round_score(index, kind, correct, winner, tokens)
+        score = round_score(stage.index, stage.kind, correct, winner, tokens, failed=len(cands) - len(ran),
+                            complete=stage.complete, generated_tokens=stage.usage.generated_tokens,
+                            prompt_tokens=stage.usage.prompt_tokens)
+        return score, cands[winner] if winner is not None else None

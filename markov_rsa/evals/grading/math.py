@@ -11,6 +11,7 @@ import asyncio
 import multiprocessing
 import multiprocessing.context
 import re
+import signal
 import threading
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
@@ -66,6 +67,8 @@ class _Worker:
 
 
 def _serve(conn: Connection, fn: GradeFn) -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the run; a worker ends with its pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         try:
             item = conn.recv()
