@@ -100,12 +100,20 @@ class PublicTests:
     def __init__(self, code: CodeGrader, problem: Problem) -> None:
         self.code = code
         self.problem = problem
-        self._scores: dict[str, asyncio.Future[int]] = {}
+        self._outcomes: dict[str, asyncio.Future[tuple[bool, ...]]] = {}
+
+    async def outcomes(self, program: str) -> tuple[bool, ...]:
+        """Each public test's pass/fail (what consensus compares programs by)."""
+        if program not in self._outcomes:
+            self._outcomes[program] = asyncio.ensure_future(self._run_public(program))
+        return await asyncio.shield(self._outcomes[program])
+
+    async def _run_public(self, program: str) -> tuple[bool, ...]:
+        p = self.problem
+        return tuple([(await self.code.run_test(program, test, p.func_name))[0] for test in p.public_tests])
 
     async def score(self, program: str) -> int:
-        if program not in self._scores:
-            self._scores[program] = asyncio.ensure_future(self.code.public_score(program, self.problem))
-        return await asyncio.shield(self._scores[program])
+        return sum(await self.outcomes(program))
 
     async def grade(self, program: str | None) -> bool:
         """Correct when every public and private test passes (as CodeGrader.grade decides)."""
@@ -122,7 +130,8 @@ def engine_task(problem: Problem, public: PublicTests | None, prompt_version: st
     prompts = prompt_set(benchmark(problem.task).prompts if problem.task in BENCHMARKS else
                          "code" if problem.kind == "code" else "math", prompt_version)
     if problem.kind == "code":
-        return CodeTask(prompts=prompts, scorer=public.score if public else None)
+        return CodeTask(prompts=prompts, scorer=public.score if public else None,
+                        outcomes=public.outcomes if public else None)
     return MathTask(prompts=prompts)
 
 
