@@ -157,6 +157,9 @@ def eval_command(
     )] = False,
     force: Annotated[bool, typer.Option(
         help="Resume OUT even though it holds a run of another model, backend, prompt set or version.")] = False,
+    total_token_budget: Annotated[int | None, typer.Option(
+        help="One budget of generated tokens across all problems: after each problem's round 0, further rounds "
+             "go first to the problems whose populations agree least; spending goes to OUT/schedule.json.")] = None,
     since: Annotated[str | None, typer.Option(help="LiveCodeBench: contest_date on or after YYYY-MM-DD.")] = None,
     until: Annotated[str | None, typer.Option(help="LiveCodeBench: contest_date on or before YYYY-MM-DD.")] = None,
     backend: o.BackendKind = "auto",
@@ -183,6 +186,8 @@ def eval_command(
 
         if repeats < 1 or concurrency < 1 or (limit is not None and limit < 1):
             raise ConfigError("limit", "--limit, --repeats and --concurrency must be at least 1")
+        if total_token_budget is not None and total_token_budget < 1:
+            raise ConfigError("total_token_budget", f"must be a positive number of tokens, got {total_token_budget}")
         chosen = benchmark(task)
         config = o.build_config(preset, backend_opts.embedded, **options, task=chosen.kind)
         if chosen.kind == "code" and not unsafe_no_sandbox:
@@ -195,7 +200,7 @@ def eval_command(
         backend = o.build_backend(backend_opts)
         code = run_evaluation(task, config, backend, problems, out, limit=limit, repeats=repeats,
                               concurrency=concurrency, isolation="rlimits" if unsafe_no_sandbox else "bwrap",
-                              force=force, name=name)
+                              force=force, name=name, total_token_budget=total_token_budget)
         if json_output:
             from markov_rsa.evals.report import load_run, run_json
 
@@ -209,6 +214,10 @@ def eval_command(
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run directories written by rsa eval.")],
     out: Annotated[Path, typer.Option(help="Directory for report.md, report.html and the plots.")] = Path("report"),
+    early_exit: Annotated[list[str] | None, typer.Option(
+        help="What consensus early exit at these thresholds would have given, replayed from the logged rounds "
+             "without a model: --early-exit 0.8 0.9 1.0.")] = None,
+    min_rounds: Annotated[int, typer.Option(help="With --early-exit: the earliest round that may stop.")] = 0,
     log_level: LogLevel = "warning",
     log_file: LogFile = None,
 ) -> None:
@@ -218,10 +227,36 @@ def report(
         setup_logging(log_level, log_file)
         from markov_rsa.evals.report import write_report
 
-        md, page = write_report(list(runs), out)
+        dirs, thresholds = _thresholds(list(runs), early_exit)
+        if min_rounds and not thresholds:
+            raise ConfigError("min_rounds", "only applies with --early-exit; give thresholds as well")
+        md, page = write_report(dirs, out, thresholds or None, min_rounds)
         Console(stderr=True).print(f"wrote {md} and {page}", highlight=False)
 
     run_cli(body)
+
+
+def _thresholds(runs: list[Path], early_exit: list[str] | None) -> tuple[list[Path], list[float]]:
+    """``--early-exit 0.8 0.9 1.0``: the values after the first arrive as run arguments; numbers that name
+    no directory are thresholds."""
+    values = list(early_exit or [])
+    dirs = []
+    for run in runs:
+        if values and not run.exists() and re.fullmatch(r"\d*\.?\d+", str(run)):
+            values.append(str(run))
+        else:
+            dirs.append(run)
+    thresholds = []
+    for value in values:
+        for part in value.split(","):
+            try:
+                number = float(part)
+            except ValueError:
+                raise ConfigError("early_exit", f"thresholds are numbers in (0, 1], got {part!r}") from None
+            if not 0 < number <= 1:
+                raise ConfigError("early_exit", f"thresholds are shares of the population in (0, 1], got {part}")
+            thresholds.append(number)
+    return dirs, thresholds
 
 
 @app.command()

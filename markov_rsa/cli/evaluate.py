@@ -19,11 +19,11 @@ from markov_rsa.rsa.config import RSAConfig
 
 def run_evaluation(task: str, config: RSAConfig, backend: Backend, problems: list[Problem], out: Path, *,
                    limit: int | None, repeats: int, concurrency: int, isolation: Isolation = "bwrap",
-                   force: bool = False, name: str | None = None) -> int:
+                   force: bool = False, name: str | None = None, total_token_budget: int | None = None) -> int:
     """Run (or resume) an evaluation; returns the exit code (1 if some problems failed)."""
     console = Console(stderr=True)
     spec = EvalSpec(task=task, config=config, limit=limit, repeats=repeats, concurrency=concurrency,
-                    isolation=isolation, force=force, name=name)
+                    isolation=isolation, force=force, name=name, total_token_budget=total_token_budget)
     if isolation != "bwrap" and any(p.kind == "code" for p in problems):
         console.print("[bold yellow]warning:[/] --unsafe-no-sandbox: untrusted programs run with rlimits only and "
                       "can escape (read files, use the network, leave processes behind)", highlight=False)
@@ -52,6 +52,12 @@ def run_evaluation(task: str, config: RSAConfig, backend: Backend, problems: lis
         progress = asyncio.run(go())
     for failure in progress.failed:
         console.print(f"[red]failed[/] {failure}", highlight=False, soft_wrap=True)
+    if evaluation.scheduler is not None:
+        spend = evaluation.scheduler.summary()
+        stopped = sum(p["stopped_by_budget"] for p in spend["problems"].values())
+        console.print(f"total token budget: spent {spend['spent']:,} of {spend['total_token_budget']:,} in "
+                      f"{spend['waves']} waves; {stopped} problem runs stopped by the budget (their last round "
+                      f"voted); per problem in {out / 'schedule.json'}", highlight=False, soft_wrap=True)
     rows = results_table([load_run(out)])
     for header, value in zip(rows[0], rows[1], strict=True):
         console.print(f"{header:>16}: {value}", highlight=False)

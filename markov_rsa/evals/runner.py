@@ -41,14 +41,18 @@ from markov_rsa.evals.log import (
     read_problems,
 )
 from markov_rsa.evals.metrics import RoundScore, round_score
+from markov_rsa.evals.schedule import RoundScheduler
 from markov_rsa.rsa.config import RSAConfig
-from markov_rsa.rsa.engine import MarkovianRSA, derive_seed
+from markov_rsa.rsa.consensus import round_agreement
+from markov_rsa.rsa.engine import MarkovianRSA, StageGate, derive_seed
 from markov_rsa.rsa.events import CandidateFinished, RoundProgress, RoundStarted, RunFinished
 from markov_rsa.rsa.prompts import CODE_PROBLEM_VERSION, code_problem_text, prompt_set
-from markov_rsa.rsa.result import Candidate, RSAResult
+from markov_rsa.rsa.result import Candidate, RoundRecord, RSAResult
 from markov_rsa.rsa.tasks import CodeTask, MathTask, Task
 
-__all__ = ["CANDIDATES_FILE", "PROBLEMS_FILE", "RUN_FILE", "EvalSpec", "Evaluation", "Progress"]
+__all__ = ["CANDIDATES_FILE", "PROBLEMS_FILE", "RUN_FILE", "SCHEDULE_FILE", "EvalSpec", "Evaluation", "Progress"]
+#: With a total token budget: what the scheduler gave each problem (written when the run ends).
+SCHEDULE_FILE = "schedule.json"
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,9 @@ class EvalSpec:
     force: bool = False
     #: The run's name in reports (default: the directory's name).
     name: str | None = None
+    #: One budget of generated tokens across every problem, given round by round where populations agree
+    #: least (:mod:`~markov_rsa.evals.schedule`).
+    total_token_budget: int | None = None
 
     def identity(self, backend: Backend) -> dict[str, Any]:
         """What must match for a directory to be resumed: task, method, backend, prompts, version."""
@@ -159,6 +166,8 @@ class Evaluation:
         self.code = code_grader or (CodeGrader(Sandbox(isolation=spec.isolation)) if "code" in kinds else None)
         self.progress = Progress()
         self._notify: Callable[[Progress], None] | None = None
+        self.scheduler: RoundScheduler | None = None
+        self._slots: asyncio.Semaphore | None = None
 
     def _prepare(self) -> set[tuple[str, int]]:
         identity = self.spec.identity(self.backend)
@@ -192,20 +201,28 @@ class Evaluation:
         self.progress = Progress(total=len(self.problems) * self.spec.repeats,
                                  skipped=len(self.problems) * self.spec.repeats - len(jobs))
         candidates, problems = JsonlWriter(self.out / CANDIDATES_FILE), JsonlWriter(self.out / PROBLEMS_FILE)
-        semaphore = asyncio.Semaphore(self.spec.concurrency)
+        semaphore = self._slots = asyncio.Semaphore(self.spec.concurrency)
         notify = on_update or (lambda progress: None)
         self._notify = notify
+        if self.spec.total_token_budget is not None:
+            before = sum(r.completion_tokens for r in read_problems(self.out / PROBLEMS_FILE))
+            self.scheduler = RoundScheduler(self.spec.total_token_budget, len(jobs), spent_before=before)
 
         async def one(problem: Problem, repeat: int) -> None:
+            tokens: int | None = None
             async with semaphore:
                 try:
                     record = await self._solve(problem, repeat, candidates)
+                    tokens = record.completion_tokens
                 except BackendRequestError:
                     raise  # a wrong key, model or URL fails every problem alike: stop the run
                 except Exception as exc:  # one problem's failure is reported, the others carry on
                     self.progress.failed.append(f"{problem.id}#{repeat}: {exc}")
                     notify(self.progress)
                     return
+                finally:
+                    if self.scheduler is not None:
+                        self.scheduler.finished((problem.id, repeat), tokens)
                 problems.write(record)
                 self.progress.done += 1
                 self.progress.correct += int(record.correct)
@@ -217,7 +234,29 @@ class Evaluation:
         finally:
             candidates.close()
             problems.close()
+            if self.scheduler is not None:
+                (self.out / SCHEDULE_FILE).write_text(json.dumps(self.scheduler.summary(), indent=2), encoding="utf-8")
         return self.progress
+
+    def _gate(self, problem: Problem, repeat: int, task: Task) -> StageGate | None:
+        """With a total token budget: ask the scheduler for each stage after round 0, giving up this
+        problem's slot while it waits (the waves need every unfinished problem to reach its gate)."""
+        scheduler, slots, config = self.scheduler, self._slots, self.spec.config
+        if scheduler is None or slots is None:
+            return None
+        order = next(i for i, p in enumerate(self.problems) if p.id == problem.id) * self.spec.repeats + repeat
+
+        async def gate(stage: int, last: RoundRecord) -> bool:
+            agreement = await round_agreement(task, last.candidates)
+            slots.release()
+            try:
+                return await scheduler.ask((problem.id, repeat), order, agreement, last.usage.generated_tokens,
+                                           config.final_n if stage > config.rounds else config.population,
+                                           last.requested)
+            finally:
+                await slots.acquire()
+
+        return gate
 
     def _seed(self, problem: Problem, repeat: int) -> int | None:
         base = self.spec.config.seed
@@ -255,7 +294,8 @@ class Evaluation:
             ))
 
         key = (problem.id, repeat)
-        async with contextlib.aclosing(engine.stream(problem_text(problem))) as events:
+        gate = self._gate(problem, repeat, task)
+        async with contextlib.aclosing(engine.stream(problem_text(problem), gate=gate)) as events:
             async for event in events:
                 if isinstance(event, CandidateFinished):
                     self.progress.tokens += event.candidate.usage.generated_tokens
@@ -274,9 +314,13 @@ class Evaluation:
         scores = [await self._round_score(r.index, r.kind, r.candidates, graded, task) for r in result.rounds]
         population = next(s for s in reversed(scores) if s.kind != "final")
         chosen = graded.get(result.selected, False) if result.selected else False
+        # Each round's agreement as early exit measures it: what a what-if over this run replays.
+        agreements = [await round_agreement(task, r.candidates) if r.kind != "final" else None
+                      for r in result.rounds]
         return ProblemRecord(
             attempt=attempt, problem_id=problem.id, repeat=repeat, task=problem.task, correct=chosen,
-            rounds=[s.to_dict() for s in scores], population=population.to_dict(),
+            rounds=[{**s.to_dict(), "agreement": a} for s, a in zip(scores, agreements, strict=True)],
+            population=population.to_dict(),
             answer=result.answer if problem.kind == "math" else None, gold=problem.answer,
             completion_tokens=result.usage.generated_tokens, prompt_tokens=result.usage.prompt_tokens,
             seconds=round(time.perf_counter() - started, 3), seed=result.seed, stop_reason=result.stop_reason,
