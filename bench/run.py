@@ -8,6 +8,8 @@ shared machine drift. Sections:
      and several problems at once (``bench/ragged.py``), peak memory
   4. tail cost: prompt tokens of aggregation requests against the |q| + K·τ bound
   5. grading throughput and the harness's own overhead per problem
+  7. adaptive compute: consensus early exit and a total token budget on a scripted workload
+     (``bench/adaptive.py``)
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
-from bench import ragged  # noqa: E402
+from bench import adaptive, ragged  # noqa: E402
 from bench.tables import md_table  # noqa: E402
 from markov_rsa import MarkovianRSA, RSAConfig  # noqa: E402
 from markov_rsa.backends.openai import OpenAIBackend  # noqa: E402
@@ -498,6 +500,8 @@ def write_markdown(results: dict[str, Any]) -> str:
             f"{st['hits_plain']:.1%} least-busy; the prompt tokens the replicas had to compute fall by "
             f"{1 - (1 - st['hits_affinity']) / (1 - st['hits_plain']):.0%}.",
         ]
+    if "adaptive" in results:
+        parts += adaptive.markdown(results["adaptive"])
     parts += [
         "## GPU",
         "`make bench-gpu` (`python -m bench.gpu`) measures the local backend at ZAYA1-8B's shapes (random bf16 "
@@ -513,11 +517,11 @@ def write_markdown(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="*", default=None,
-                        help="sections: overhead scale local ragged memory tails grading streaming (the others keep "
-                             "their last results)")
+                        help="sections: overhead scale local ragged memory tails grading streaming adaptive (the "
+                             "others keep their last results)")
     args = parser.parse_args()
     wanted = set(args.only or ["overhead", "scale", "local", "ragged", "memory", "tails", "grading",
-                                     "streaming"])
+                                     "streaming", "adaptive"])
     saved = ROOT / "bench" / "results.json"
     results: dict[str, Any] = json.loads(saved.read_text()) if args.only and saved.exists() else {}
     model_dir = None
@@ -529,7 +533,7 @@ def main() -> None:
         ("overhead", bench_overhead), ("scale", bench_scale), ("grading", bench_grading),
         ("streaming", bench_streaming), ("ragged", lambda: ragged.bench_ragged(model_dir, DATASETS)),
         ("local", lambda: bench_local(model_dir)), ("memory", lambda: bench_memory(model_dir)),
-        ("tails", lambda: bench_tails(model_dir)),
+        ("tails", lambda: bench_tails(model_dir)), ("adaptive", adaptive.bench_adaptive),
     ]
     timings = results.setdefault("seconds", {})
     for name, run in sections:

@@ -250,9 +250,10 @@ class Evaluation:
             agreement = await round_agreement(task, last.candidates)
             slots.release()
             try:
+                requests = config.final_n if stage > config.rounds else config.population
+                longest = max((c.usage.generated_tokens for c in last.candidates), default=0)
                 return await scheduler.ask((problem.id, repeat), order, agreement, last.usage.generated_tokens,
-                                           config.final_n if stage > config.rounds else config.population,
-                                           last.requested)
+                                           longest * requests)
             finally:
                 await slots.acquire()
 

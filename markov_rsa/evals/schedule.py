@@ -4,7 +4,9 @@ Every problem runs its round 0 (without it there is no answer). After that, prob
 when every unfinished problem has finished a round and asks for its next stage, the scheduler orders
 them by their last round's agreement (least first: a split population is where another round can still
 change the vote; a unanimous one almost never changes) and grants each, in that order, whose estimated
-cost (its last round's tokens, scaled to the next stage's requests) still fits the budget. A problem
+cost still fits the budget: its last round's longest candidate times the next stage's requests, so
+that the spend passes the budget only when a round's candidates grow longer than the longest before
+them (the spend is reported, never hidden). A problem
 refused a stage stops, and its last round votes. Decisions depend only on the logged rounds, never on
 timing, so a seed gives the same schedule; a resumed run counts what its finished problems spent.
 """
@@ -56,12 +58,11 @@ class RoundScheduler:
     def spent(self) -> int:
         return self.spent_before + sum(s.tokens for s in self.spend.values())
 
-    async def ask(self, key: JobKey, order: int, agreement: float, round_tokens: int, next_requests: int,
-                  round_requests: int) -> bool:
-        """May ``key`` have its next stage? ``round_tokens`` is what its last round generated."""
+    async def ask(self, key: JobKey, order: int, agreement: float, round_tokens: int, estimate: int) -> bool:
+        """May ``key`` have its next stage? ``round_tokens`` is what its last round generated, ``estimate``
+        what the next stage is expected to."""
         job = self.spend.setdefault(key, JobSpend())
         job.tokens += round_tokens
-        estimate = round_tokens * next_requests // max(1, round_requests)
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting[key] = _Ask(order, agreement, estimate, future)
         self._decide()
