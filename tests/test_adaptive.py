@@ -76,6 +76,8 @@ async def test_off_by_default_and_the_report_presets_keep_every_round():
     for name in ("zaya-16k", "zaya-40k", "light", "apex-high", "rsa-paper"):
         assert RSAConfig.from_preset(name).early_exit is None
         assert RSAConfig.from_preset(f"{name}-adaptive").early_exit == 0.9
+    # An -adaptive preset run as one stage has nothing to stop: its early exit goes, not the run.
+    assert RSAConfig.from_preset("light-adaptive", rounds=0).early_exit is None
 
 
 async def test_min_rounds_holds_the_exit_back():
@@ -159,6 +161,7 @@ async def test_code_agreement_counts_the_chosen_programs_vector_not_the_commones
     ({"min_rounds": 1}, "min_rounds", "set early_exit as well"),
     ({"early_exit": 0.9, "min_rounds": 3}, "min_rounds", "exceeds rounds"),
     ({"early_exit": 0.9, "min_rounds": -1}, "min_rounds", "at least 0"),
+    ({"early_exit": 0.9, "rounds": 0}, "early_exit", "nothing to stop early"),
 ])
 def test_bad_early_exit_settings_name_the_field(changes, field, message):
     with pytest.raises(ConfigError) as caught:
@@ -168,7 +171,7 @@ def test_bad_early_exit_settings_name_the_field(changes, field, message):
 
 def test_server_field_rsa_early_exit():
     backend = ScriptedBackend(scripted({0: ["2"]}))
-    settings = ServerSettings(backend=backend, config=cfg(preset="small"), model_name="m")
+    settings = ServerSettings(backend=backend, config=cfg(preset="small", early_exit=0.9), model_name="m")
     body = {"model": "m", "messages": [{"role": "user", "content": "What is 1+1?"}], "return_rsa_metadata": True}
     with serve_app(create_app(settings)) as url:
         reply = httpx.post(f"{url}/v1/chat/completions", json={**body, "rsa": {"early_exit": 0.9}}, timeout=30)
@@ -176,8 +179,10 @@ def test_server_field_rsa_early_exit():
         meta = reply.json()["rsa_metadata"]
         assert meta["stop_reason"] == "consensus" and meta["consensus"]["round"] == 0
         assert meta["config"]["early_exit"] == 0.9 and len(meta["rounds"]) == 1
-        full = httpx.post(f"{url}/v1/chat/completions", json={**body, "extended_compute": True}, timeout=30)
+        full = httpx.post(f"{url}/v1/chat/completions", json={**body, "rsa": {"early_exit": None}}, timeout=30)
         assert len(full.json()["rsa_metadata"]["rounds"]) == 3
+        one_stage = httpx.post(f"{url}/v1/chat/completions", json={**body, "rsa": {"rounds": 0}}, timeout=30)
+        assert one_stage.status_code == 200 and one_stage.json()["rsa_metadata"]["config"]["early_exit"] is None
         bad = httpx.post(f"{url}/v1/chat/completions", json={**body, "rsa": {"early_exit": 2}}, timeout=30)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "rsa.early_exit"
         assert "(0, 1]" in bad.json()["error"]["message"]

@@ -88,3 +88,7 @@ def test_a_budget_below_one_token_is_refused(tmp_path):
                            "--total-token-budget", "0", "--backend", "demo"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and "total_token_budget: must be a positive number of tokens" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "markov_rsa", "eval", "aime25", "--out", str(tmp_path / "r"),
+                           "--total-token-budget", "1000", "--rounds", "0", "--backend", "demo"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "total_token_budget: a run of one stage" in done.stderr

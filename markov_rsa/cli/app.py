@@ -190,6 +190,9 @@ def eval_command(
             raise ConfigError("total_token_budget", f"must be a positive number of tokens, got {total_token_budget}")
         chosen = benchmark(task)
         config = o.build_config(preset, backend_opts.embedded, **options, task=chosen.kind)
+        if total_token_budget is not None and not config.aggregates:
+            raise ConfigError("total_token_budget", "a run of one stage (rounds 0, no final aggregation) has no "
+                                                    "later rounds to schedule; set rounds above 0")
         if chosen.kind == "code" and not unsafe_no_sandbox:
             from markov_rsa.evals.grading.sandbox import Sandbox
 

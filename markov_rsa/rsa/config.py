@@ -97,6 +97,8 @@ class RSAConfig:
         values = {**PRESETS[name].values, **given}
         if "budget" in given and "final_budget" not in given:
             values.pop("final_budget", None)  # a budget set by hand is every stage's unless said otherwise
+        if "early_exit" not in given and not values.get("rounds") and values.get("final") != "aggregate":
+            values.pop("early_exit", None)  # an -adaptive preset run as one stage: nothing to stop early
         return cls.from_dict({**values, "preset": name})
 
     @classmethod
@@ -217,6 +219,9 @@ def _validate_early_exit(cfg: RSAConfig) -> None:
                               or not math.isfinite(value) or not 0 < value <= 1):
         raise ConfigError("early_exit", f"must be a share of the population in (0, 1] (1 = unanimous), got {value!r}")
     _positive_int(cfg, "min_rounds", minimum=0)
+    if value is not None and not cfg.aggregates:
+        raise ConfigError("early_exit", "a run of one stage (rounds 0, no final aggregation) has nothing to stop "
+                                        "early; set rounds above 0 or drop early_exit")
     if cfg.min_rounds and value is None:
         raise ConfigError("min_rounds", "only applies with early_exit; set early_exit as well")
     if cfg.min_rounds > cfg.rounds:
