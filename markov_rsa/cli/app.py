@@ -218,6 +218,7 @@ def report(
     runs: Annotated[list[Path], typer.Argument(help="Run directories written by rsa eval.")],
     out: Annotated[Path, typer.Option(help="Directory for report.md, report.html and the plots.")] = Path("report"),
     early_exit: Annotated[list[str] | None, typer.Option(
+        metavar="THRESHOLD...",
         help="What consensus early exit at these thresholds would have given, replayed from the logged rounds "
              "without a model: --early-exit 0.8 0.9 1.0.")] = None,
     min_rounds: Annotated[int, typer.Option(help="With --early-exit: the earliest round that may stop.")] = 0,
