@@ -10,6 +10,8 @@ shared machine drift. Sections:
   5. grading throughput and the harness's own overhead per problem
   6. long streamed rollouts, requests per candidate, prefix-cache affinity
   7. ``rsa serve`` with its default settings: 8 concurrent N=16 runs against the critical path
+  9. adaptive compute: consensus early exit and a total token budget on a scripted workload
+     (``bench/adaptive.py``)
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
-from bench import ragged, routing  # noqa: E402
+from bench import adaptive, ragged, routing  # noqa: E402
 from bench.tables import md_table  # noqa: E402
 from markov_rsa import MarkovianRSA, RSAConfig  # noqa: E402
 from markov_rsa.backends.openai import OpenAIBackend  # noqa: E402
@@ -597,6 +599,8 @@ def write_markdown(results: dict[str, Any]) -> str:
             md_table(["settings", "runs", "wall (all)", "slowest run", "server CPU", "critical path", "ratio"],
                      results["serve"]["rows"]),
         ]
+    if "adaptive" in results:
+        parts += adaptive.markdown(results["adaptive"])
     parts += [
         "## GPU",
         "`make bench-gpu` (`python -m bench.gpu`) measures the local backend at ZAYA1-8B's shapes (random bf16 "
@@ -612,11 +616,11 @@ def write_markdown(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="*", default=None,
-                        help="sections: overhead scale local ragged memory tails grading streaming routing serve (the others "
-                             "keep their last results)")
+                        help="sections: overhead scale local ragged memory tails grading streaming routing serve "
+                             "adaptive (the others keep their last results)")
     args = parser.parse_args()
     wanted = set(args.only or ["overhead", "scale", "local", "ragged", "memory", "tails", "grading",
-                                     "streaming", "routing", "serve"])
+                                     "streaming", "routing", "serve", "adaptive"])
     saved = ROOT / "bench" / "results.json"
     results: dict[str, Any] = json.loads(saved.read_text()) if args.only and saved.exists() else {}
     model_dir = None
@@ -629,6 +633,7 @@ def main() -> None:
         ("streaming", bench_streaming), ("ragged", lambda: ragged.bench_ragged(model_dir, DATASETS)),
         ("local", lambda: bench_local(model_dir)), ("memory", lambda: bench_memory(model_dir)),
         ("tails", lambda: bench_tails(model_dir)), ("routing", routing.bench_routing), ("serve", bench_serve),
+        ("adaptive", adaptive.bench_adaptive),
     ]
     timings = results.setdefault("seconds", {})
     for name, run in sections:

@@ -2,7 +2,8 @@
 
 Two ``rsa eval`` runs on six AIME 2025 problems (one rollout against Markovian RSA N4 K2 T1) against a
 loopback server whose scripted answers are right for some seeds and wrong for others, then
-``rsa report`` on both. The numbers say nothing about any model; the layout is the point.
+``rsa report`` on both, with the what-if of consensus early exit at 0.5, 0.75 and 1.0. The numbers
+say nothing about any model; the layout is the point.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def main() -> None:
             runs.append(str(run))
         if out.exists():
             shutil.rmtree(out)
-        subprocess.run([sys.executable, "-m", "markov_rsa", "report", *runs, "--out", str(out)], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "markov_rsa", "report", *runs, "--out", str(out),
+                        "--early-exit", "0.5", "0.75", "1.0"], check=True, cwd=ROOT)
     print(f"wrote {out}")
 
 

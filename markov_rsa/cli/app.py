@@ -177,6 +177,9 @@ def eval_command(
         help="Resume OUT even though it holds a run of another model, backend, prompt set or version.")] = False,
     progress_every: Annotated[float, typer.Option(
         help="Seconds between plain progress lines when stderr is not a terminal (nohup, job logs).")] = 30.0,
+    total_token_budget: Annotated[int | None, typer.Option(
+        help="One budget of generated tokens across all problems: after each problem's round 0, further rounds "
+             "go first to the problems whose populations agree least; spending goes to OUT/schedule.json.")] = None,
     since: Annotated[str | None, typer.Option(help="LiveCodeBench: contest_date on or after YYYY-MM-DD.")] = None,
     until: Annotated[str | None, typer.Option(help="LiveCodeBench: contest_date on or before YYYY-MM-DD.")] = None,
     backend: o.BackendKind = "auto",
@@ -204,10 +207,15 @@ def eval_command(
 
         if repeats < 1 or concurrency < 1 or (limit is not None and limit < 1):
             raise ConfigError("limit", "--limit, --repeats and --concurrency must be at least 1")
+        if total_token_budget is not None and total_token_budget < 1:
+            raise ConfigError("total_token_budget", f"must be a positive number of tokens, got {total_token_budget}")
         if not progress_every > 0:
             raise ConfigError("progress_every", "must be a positive number of seconds")
         chosen = benchmark(task)
         config = o.build_config(preset, backend_opts.embedded, **options, task=chosen.kind)
+        if total_token_budget is not None and not config.aggregates:
+            raise ConfigError("total_token_budget", "a run of one stage (rounds 0, no final aggregation) has no "
+                                                    "later rounds to schedule; set rounds above 0")
         from markov_rsa.evals.log import check_writable
 
         check_writable(out)
@@ -221,7 +229,8 @@ def eval_command(
         backend = o.build_backend(backend_opts)
         code = run_evaluation(task, config, backend, problems, out, limit=limit, repeats=repeats,
                               concurrency=concurrency, isolation="rlimits" if unsafe_no_sandbox else "bwrap",
-                              force=force, name=name, command=tuple(sys.argv), progress_every=progress_every,
+                              force=force, name=name, total_token_budget=total_token_budget, command=tuple(sys.argv),
+                              progress_every=progress_every,
                               data={"data_dir": str(data_dir) if data_dir else os.environ.get("MARKOV_RSA_DATA_DIR"),
                                     "release": release, "since": since, "until": until})
         if json_output:
@@ -238,6 +247,11 @@ def eval_command(
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run directories written by rsa eval.")],
     out: Annotated[Path, typer.Option(help="Directory for report.md, report.html and the plots.")] = Path("report"),
+    early_exit: Annotated[list[str] | None, typer.Option(
+        metavar="THRESHOLD...",
+        help="What consensus early exit at these thresholds would have given, replayed from the logged rounds "
+             "without a model: --early-exit 0.8 0.9 1.0.")] = None,
+    min_rounds: Annotated[int, typer.Option(help="With --early-exit: the earliest round that may stop.")] = 0,
     log_level: LogLevel = "warning",
     log_file: LogFile = None,
 ) -> None:
@@ -247,7 +261,10 @@ def report(
         setup_logging(log_level, log_file)
         from markov_rsa.evals.report import write_report
 
-        md, page = write_report(list(runs), out)
+        dirs, thresholds = _thresholds(list(runs), early_exit)
+        if min_rounds and not thresholds:
+            raise ConfigError("min_rounds", "only applies with --early-exit; give thresholds as well")
+        md, page = write_report(dirs, out, thresholds or None, min_rounds)
         Console(stderr=True).print(f"wrote {md} and {page}", highlight=False, markup=False)
 
     run_cli(body)
@@ -272,6 +289,29 @@ def export_command(
         Console(stderr=True).print(f"wrote {count} samples to {out}", highlight=False)
 
     run_cli(body)
+
+
+def _thresholds(runs: list[Path], early_exit: list[str] | None) -> tuple[list[Path], list[float]]:
+    """``--early-exit 0.8 0.9 1.0``: the values after the first arrive as run arguments; numbers that name
+    no directory are thresholds."""
+    values = list(early_exit or [])
+    dirs = []
+    for run in runs:
+        if values and not run.exists() and re.fullmatch(r"\d*\.?\d+", str(run)):
+            values.append(str(run))
+        else:
+            dirs.append(run)
+    thresholds = []
+    for value in values:
+        for part in value.split(","):
+            try:
+                number = float(part)
+            except ValueError:
+                raise ConfigError("early_exit", f"thresholds are numbers in (0, 1], got {part!r}") from None
+            if not 0 < number <= 1:
+                raise ConfigError("early_exit", f"thresholds are shares of the population in (0, 1], got {part}")
+            thresholds.append(number)
+    return dirs, thresholds
 
 
 @app.command()

@@ -72,11 +72,13 @@ class PlainProgress:
 def run_evaluation(task: str, config: RSAConfig, backend: Backend, problems: list[Problem], out: Path, *,
                    limit: int | None, repeats: int, concurrency: int, isolation: Isolation = "bwrap",
                    force: bool = False, name: str | None = None, data: Mapping[str, Any] | None = None,
-                   command: tuple[str, ...] = (), progress_every: float = 30.0) -> int:
+                   command: tuple[str, ...] = (), progress_every: float = 30.0,
+                   total_token_budget: int | None = None) -> int:
     """Run (or resume) an evaluation; returns the exit code (1 if some problems failed)."""
     console = Console(stderr=True)
     spec = EvalSpec(task=task, config=config, limit=limit, repeats=repeats, concurrency=concurrency,
-                    isolation=isolation, force=force, name=name, data=dict(data or {}), command=command)
+                    isolation=isolation, force=force, name=name, data=dict(data or {}), command=command,
+                    total_token_budget=total_token_budget)
     if isolation != "bwrap" and any(p.kind == "code" for p in problems):
         console.print("[bold yellow]warning:[/] --unsafe-no-sandbox: untrusted programs run with rlimits only and "
                       "can escape (read files, use the network, leave processes behind)", highlight=False)
@@ -104,6 +106,12 @@ def run_evaluation(task: str, config: RSAConfig, backend: Backend, problems: lis
         lines.print(progress)
     for failure in progress.failed:
         console.print(f"[red]failed[/] {escape(str(failure))}", highlight=False, soft_wrap=True)
+    if evaluation.scheduler is not None:
+        spend = evaluation.scheduler.summary()
+        stopped = sum(p["stopped_by_budget"] for p in spend["problems"].values())
+        console.print(f"total token budget: spent {spend['spent']:,} of {spend['total_token_budget']:,} in "
+                      f"{spend['waves']} waves; {stopped} problem runs stopped by the budget (their last round "
+                      f"voted); per problem in {out / 'schedule.json'}", highlight=False, soft_wrap=True)
     rows = results_table([load_run(out)])
     for header, value in zip(rows[0], rows[1], strict=True):
         console.print(f"{header:>16}: {value}", highlight=False, markup=False)

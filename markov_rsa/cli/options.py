@@ -48,6 +48,10 @@ TopK = Annotated[int | None, typer.Option(help="Top-k sampling cut-off.")]
 FinalTemperature = Annotated[float | None, typer.Option(help="Temperature of the final aggregations.")]
 Seed = Annotated[int | None, typer.Option(help="Seed of subset sampling and of every request (random if unset).")]
 TokenBudget = Annotated[int | None, typer.Option(help="Stop the run after this many generated tokens.")]
+EarlyExit = Annotated[float | None, typer.Option(
+    help="Consensus early exit: stop once this share of a round's population agrees with its vote (0.9; 1 = "
+         "unanimous), and let that round vote. Off unless set (or an -adaptive preset).")]
+MinRounds = Annotated[int | None, typer.Option(help="With --early-exit: the earliest round that may stop the run.")]
 TimeLimit = Annotated[float | None, typer.Option(help="Stop the run after this many seconds.")]
 
 Model = Annotated[
@@ -103,7 +107,7 @@ RSA_OPTIONS: dict[str, Any] = {
     "final": Final, "final_n": FinalN, "temperature": Temperature, "top_p": TopP, "top_k": TopK, "stop": Stop,
     "final_temperature": FinalTemperature, "final_top_p": FinalTopP, "final_top_k": FinalTopK, "seed": Seed,
     "prompt_version": PromptVersion, "token_budget": TokenBudget, "time_limit": TimeLimit,
-    "candidate_retries": CandidateRetries,
+    "candidate_retries": CandidateRetries, "early_exit": EarlyExit, "min_rounds": MinRounds,
 }
 
 

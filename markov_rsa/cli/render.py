@@ -11,7 +11,15 @@ from rich.table import Table
 from rich.text import Text
 
 from markov_rsa.rsa.answers import normalize_answer
-from markov_rsa.rsa.events import CandidateFinished, Event, RoundFinished, RoundProgress, RoundStarted, RunFinished
+from markov_rsa.rsa.events import (
+    CandidateFinished,
+    ConsensusReached,
+    Event,
+    RoundFinished,
+    RoundProgress,
+    RoundStarted,
+    RunFinished,
+)
 from markov_rsa.rsa.result import RSAResult
 
 
@@ -37,6 +45,9 @@ async def follow(events: AsyncIterator[Event], console: Console, *, quiet: bool 
                     f"{event.usage.completion_tokens} tokens, {event.seconds:.1f}s"
                     + (f", {event.failed} failed" if event.failed else "")
                 )
+            elif isinstance(event, ConsensusReached) and not quiet:
+                console.print(f"round {event.round}: {event.agreement:.0%} agree (early exit at "
+                              f"{event.threshold:.0%}): stopping, round {event.round} votes", highlight=False)
             elif isinstance(event, RunFinished):
                 result = event.result
     assert result is not None
@@ -59,6 +70,8 @@ def round_table(result: RSAResult) -> Table:
         counts = Counter(normalize_answer(a) for a in answers if a is not None)
         agree = counts.most_common(1)[0][1] / len(answers) if counts and answers else 0.0
         name = "final" if record.kind == "final" else str(record.index)
+        if result.consensus is not None and result.consensus["round"] == record.index:
+            name += " (consensus)"
         table.add_row(name, _answers_cell(answers), f"{agree:.0%}", str(record.usage.completion_tokens),
                       f"{record.seconds:.1f}s")
     return table
@@ -66,6 +79,10 @@ def round_table(result: RSAResult) -> Table:
 
 def summary_line(result: RSAResult) -> str:
     stop = "" if result.stop_reason == "complete" else f" (stopped early: {result.stop_reason})"
+    if result.consensus is not None:
+        c = result.consensus
+        stop = (f" (stopped early: consensus, {c['agreement']:.0%} agree at round {c['round']} >= "
+                f"{c['threshold']:.0%})")
     approx = ", tails approximate" if result.tails_approximate else ""
     return (f"{result.usage.requests} generations, {result.usage.completion_tokens} generated tokens, "
             f"{result.seconds:.1f}s{approx}{stop}")

@@ -25,6 +25,7 @@ from markov_rsa.evals.intervals import interval_units
 from markov_rsa.evals.log import PROBLEMS_FILE, RUN_FILE, ProblemRecord, read_meta, read_problems
 from markov_rsa.evals.metrics import Planned, Summary, mean, plan_of, problem_means, summarise, units
 from markov_rsa.evals.published import Published, published_for
+from markov_rsa.evals.whatif import WhatIf, fill_agreement, what_if
 from markov_rsa.rsa.config import RSAConfig
 
 MATH_CREDIT = ("Math problem sets as published by MathArena (matharena.ai); problem statements belong to MAA (AIME) "
@@ -310,7 +311,24 @@ def _html_table(rows: list[list[str]]) -> str:
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
-def _plots(runs: list[RunData]) -> dict[str, bytes]:
+def what_if_rows(runs: list[RunData], thresholds: list[float], min_rounds: int = 0) -> tuple[list[list[str]],
+                                                                                            dict[str, list[WhatIf]]]:
+    """The what-if of consensus early exit (:mod:`~markov_rsa.evals.whatif`) for each run: a table and its
+    points by run name."""
+    rows = [["run", "task", "early exit", "final", "tokens/problem", "tokens saved", "stopped early"]]
+    points: dict[str, list[WhatIf]] = {}
+    for run in runs:
+        points[run.name] = what_if(fill_agreement(run.records, run.path), thresholds, min_rounds)
+        full = {p.task: p.tokens_per_problem for p in points[run.name] if p.threshold is None}
+        for p in points[run.name]:
+            saved = 1 - p.tokens_per_problem / full[p.task] if full[p.task] else 0.0
+            rows.append([run.name, p.task, "off (as run)" if p.threshold is None else f"{p.threshold:g}",
+                         _with_interval({"value": p.accuracy, "low": p.low, "high": p.high}),
+                         f"{p.tokens_per_problem:,.0f}", f"{100 * saved:.0f}%", f"{p.stopped_early}/{p.runs}"])
+    return rows, points
+
+
+def _plots(runs: list[RunData], what_ifs: dict[str, list[WhatIf]] | None = None) -> dict[str, bytes]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -340,6 +358,13 @@ def _plots(runs: list[RunData]) -> dict[str, bytes]:
             if xkey != "round":
                 for r, x, y in zip(stages, xs, ys, strict=True):
                     ax.annotate(f"r{r['round']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                for point in (what_ifs or {}).get(run.name, []):  # what consensus early exit would have given
+                    label = "as run" if point.threshold is None else f"exit {point.threshold:g}"
+                    ax.errorbar([point.tokens_per_problem], [100 * point.accuracy], marker="x", capsize=2,
+                                yerr=[[100 * (point.accuracy - point.low)], [100 * (point.high - point.accuracy)]],
+                                color="gray", linestyle="none")
+                    ax.annotate(f"{label} (final)", (point.tokens_per_problem, 100 * point.accuracy),
+                                textcoords="offset points", xytext=(4, -10), fontsize=6, color="gray")
         ax.set_ylim(0, 100)
         ax.yaxis.set_major_formatter(PercentFormatter())
         ax.set_xlabel(xlabel)
@@ -377,9 +402,10 @@ def report_json(runs: list[RunData], published: list[Published], figures: list[s
     }
 
 
-def write_report(run_dirs: list[Path], out: Path) -> tuple[Path, Path]:
+def write_report(run_dirs: list[Path], out: Path, early_exit: list[float] | None = None,
+                 min_rounds: int = 0) -> tuple[Path, Path]:
     """Write ``report.md``, ``report.html``, ``report.json`` and the plots into ``out``; returns the two
-    report paths."""
+    report paths. ``early_exit`` thresholds add what consensus early exit would have given."""
     if not run_dirs:
         raise ConfigError("runs", "give at least one run directory")
     runs = [load_run(Path(p)) for p in run_dirs]
@@ -390,18 +416,25 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[Path, Path]:
                                       "one another name with rsa eval --name NAME on its --out")
         seen[run.name] = run.path
     published = published_for({run.task for run in runs})
+    what_if_table, what_ifs = what_if_rows(runs, early_exit, min_rounds) if early_exit else ([], {})
     out.mkdir(parents=True, exist_ok=True)
-    plots = _plots(runs)
+    plots = _plots(runs, what_ifs)
     for name, png in plots.items():
         (out / f"{name}.png").write_bytes(png)
-    (out / "report.json").write_text(json.dumps(report_json(runs, published, list(plots)), indent=2),
-                                     encoding="utf-8")
+    summary = report_json(runs, published, list(plots))
+    if what_ifs:
+        summary["what_if"] = {"min_rounds": min_rounds,
+                              "runs": {name: [p.to_dict() for p in points] for name, points in what_ifs.items()}}
+    (out / "report.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     table, per_round, per_problem_rows = results_table(runs, published), rounds_table(runs), problems_table(runs)
     credit = MATH_CREDIT if any(run.config.get("task") != "code" for run in runs) else ""
     sections: list[tuple[str, list[list[str]]]] = [("Accuracy by round", per_round),
                                                    ("Compute", compute_table(runs)),
                                                    ("Per problem (final population % correct; ✓ returned answer "
                                                     "correct)", per_problem_rows)]
+    if what_ifs:
+        sections.insert(0, ("What if: consensus early exit (replayed from the logged rounds, no model called; "
+                            "final = the returned answer)", what_if_table))
     if published:
         sections.insert(0, ("Published figures", published_table(published, runs)))
     if pairs(runs):

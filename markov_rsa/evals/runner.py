@@ -50,14 +50,18 @@ from markov_rsa.evals.log import (
 )
 from markov_rsa.evals.metrics import RoundScore, round_score, scored_stage
 from markov_rsa.evals.provenance import provenance
+from markov_rsa.evals.schedule import RoundScheduler
 from markov_rsa.rsa.config import RSAConfig
-from markov_rsa.rsa.engine import MarkovianRSA, derive_seed
+from markov_rsa.rsa.consensus import round_agreement
+from markov_rsa.rsa.engine import MarkovianRSA, StageGate, derive_seed
 from markov_rsa.rsa.events import CandidateFinished, RoundProgress, RoundStarted, RunFinished
 from markov_rsa.rsa.prompts import CODE_PROBLEM_VERSION, code_problem_text, prompt_set
 from markov_rsa.rsa.result import Candidate, RoundRecord, RSAResult
 from markov_rsa.rsa.tasks import CodeTask, MathTask, Task
 
-__all__ = ["CANDIDATES_FILE", "PROBLEMS_FILE", "RUN_FILE", "EvalSpec", "Evaluation", "Progress"]
+__all__ = ["CANDIDATES_FILE", "PROBLEMS_FILE", "RUN_FILE", "SCHEDULE_FILE", "EvalSpec", "Evaluation", "Progress"]
+#: With a total token budget: what the scheduler gave each problem (written when the run ends).
+SCHEDULE_FILE = "schedule.json"
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,9 @@ class EvalSpec:
     data: Mapping[str, Any] = field(default_factory=dict)
     #: The command line that started the run (recorded, credentials removed).
     command: tuple[str, ...] = ()
+    #: One budget of generated tokens across every problem, given round by round where populations agree
+    #: least (:mod:`~markov_rsa.evals.schedule`).
+    total_token_budget: int | None = None
 
     def identity(self, backend: Backend, problems: list[Problem]) -> dict[str, Any]:
         """What must match for a directory to be resumed: task, method, backend, prompts, version,
@@ -122,12 +129,20 @@ class PublicTests:
     def __init__(self, code: CodeGrader, problem: Problem) -> None:
         self.code = code
         self.problem = problem
-        self._scores: dict[str, asyncio.Future[int]] = {}
+        self._outcomes: dict[str, asyncio.Future[tuple[bool, ...]]] = {}
+
+    async def outcomes(self, program: str) -> tuple[bool, ...]:
+        """Each public test's pass/fail (what consensus compares programs by)."""
+        if program not in self._outcomes:
+            self._outcomes[program] = asyncio.ensure_future(self._run_public(program))
+        return await asyncio.shield(self._outcomes[program])
+
+    async def _run_public(self, program: str) -> tuple[bool, ...]:
+        p = self.problem
+        return tuple([(await self.code.run_test(program, test, p.func_name))[0] for test in p.public_tests])
 
     async def score(self, program: str) -> int:
-        if program not in self._scores:
-            self._scores[program] = asyncio.ensure_future(self.code.public_score(program, self.problem))
-        return await asyncio.shield(self._scores[program])
+        return sum(await self.outcomes(program))
 
     async def grade(self, program: str | None) -> bool:
         """Correct when every public and private test passes (as CodeGrader.grade decides)."""
@@ -144,7 +159,8 @@ def engine_task(problem: Problem, public: PublicTests | None, prompt_version: st
     prompts = prompt_set(benchmark(problem.task).prompts if problem.task in BENCHMARKS else
                          "code" if problem.kind == "code" else "math", prompt_version)
     if problem.kind == "code":
-        return CodeTask(prompts=prompts, scorer=public.score if public else None)
+        return CodeTask(prompts=prompts, scorer=public.score if public else None,
+                        outcomes=public.outcomes if public else None)
     return MathTask(prompts=prompts)
 
 
@@ -173,6 +189,8 @@ class Evaluation:
         self.progress = Progress()
         self._notify: Callable[[Progress], None] | None = None
         self.seed_drawn = False
+        self.scheduler: RoundScheduler | None = None
+        self._slots: asyncio.Semaphore | None = None
 
     def _prepare(self) -> set[tuple[str, int]]:
         """Check or write ``run.json``; returns the (problem, repeat)s already complete."""
@@ -220,14 +238,19 @@ class Evaluation:
         self.progress = Progress(total=len(self.problems) * self.spec.repeats,
                                  skipped=len(self.problems) * self.spec.repeats - len(jobs))
         candidates, problems = JsonlWriter(self.out / CANDIDATES_FILE), JsonlWriter(self.out / PROBLEMS_FILE)
-        semaphore = asyncio.Semaphore(self.spec.concurrency)
+        semaphore = self._slots = asyncio.Semaphore(self.spec.concurrency)
         notify = on_update or (lambda progress: None)
         self._notify = notify
+        if self.spec.total_token_budget is not None:
+            before = sum(r.completion_tokens for r in read_problems(self.out / PROBLEMS_FILE))
+            self.scheduler = RoundScheduler(self.spec.total_token_budget, len(jobs), spent_before=before)
 
         async def one(problem: Problem, repeat: int) -> None:
+            tokens: int | None = None
             async with semaphore:
                 try:
                     record = await self._solve(problem, repeat, candidates)
+                    tokens = record.completion_tokens
                 except (BackendRequestError, ConfigError):
                     raise  # a wrong key, model or URL, or an --out that cannot be written: stop the run
                 except Exception as exc:  # one problem's failure is recorded (it scores wrong), the others go on
@@ -237,6 +260,9 @@ class Evaluation:
                                                  error=f"{type(exc).__name__}: {str(exc)[:300]}"))
                     notify(self.progress)
                     return
+                finally:
+                    if self.scheduler is not None:
+                        self.scheduler.finished((problem.id, repeat), tokens)
                 problems.write(record)
                 self.progress.done += 1
                 self.progress.correct += int(record.correct)
@@ -253,7 +279,30 @@ class Evaluation:
             await asyncio.gather(*tasks, return_exceptions=True)
             candidates.close()
             problems.close()
+            if self.scheduler is not None:
+                (self.out / SCHEDULE_FILE).write_text(json.dumps(self.scheduler.summary(), indent=2), encoding="utf-8")
         return self.progress
+
+    def _gate(self, problem: Problem, repeat: int, task: Task) -> StageGate | None:
+        """With a total token budget: ask the scheduler for each stage after round 0, giving up this
+        problem's slot while it waits (the waves need every unfinished problem to reach its gate)."""
+        scheduler, slots, config = self.scheduler, self._slots, self.spec.config
+        if scheduler is None or slots is None:
+            return None
+        order = next(i for i, p in enumerate(self.problems) if p.id == problem.id) * self.spec.repeats + repeat
+
+        async def gate(stage: int, last: RoundRecord) -> bool:
+            agreement = await round_agreement(task, last.candidates)
+            slots.release()
+            try:
+                requests = config.final_n if stage > config.rounds else config.population
+                longest = max((c.usage.generated_tokens for c in last.candidates), default=0)
+                return await scheduler.ask((problem.id, repeat), order, agreement, last.usage.generated_tokens,
+                                           longest * requests)
+            finally:
+                await slots.acquire()
+
+        return gate
 
     def _seed(self, problem: Problem, repeat: int) -> int | None:
         base = self.spec.config.seed
@@ -291,8 +340,9 @@ class Evaluation:
             ))
 
         key = (problem.id, repeat)
+        gate = self._gate(problem, repeat, task)
         try:
-            async with contextlib.aclosing(engine.stream(problem_text(problem))) as events:
+            async with contextlib.aclosing(engine.stream(problem_text(problem), gate=gate)) as events:
                 async for event in events:
                     if isinstance(event, CandidateFinished):
                         self.progress.tokens += event.candidate.usage.generated_tokens
@@ -317,7 +367,10 @@ class Evaluation:
         assert result is not None
         stages = [await self._round_score(r, graded, task) for r in result.rounds]
         scores = [score for score, _ in stages]
-        dicts = [s.to_dict() for s in scores]
+        # Each round's agreement as early exit measures it: what a what-if over this run replays.
+        agreements = [await round_agreement(task, r.candidates) if r.kind != "final" else None
+                      for r in result.rounds]
+        dicts = [{**s.to_dict(), "agreement": g} for s, g in zip(scores, agreements, strict=True)]
         position = scored_stage(dicts, result.stop_reason, config.token_budget)
         answer = result.answer
         last = max((i for i, s in enumerate(scores) if s.kind != "final"), default=None)

@@ -74,6 +74,10 @@ class RSAConfig:
     # Per-run limits: when either is reached the run ends with the best answer so far and says so.
     token_budget: int | None = None
     time_limit: float | None = None
+    #: Consensus early exit: after a complete round (and at least ``min_rounds``), when this share of the
+    #: population agrees with the vote (1.0: unanimous), the run stops and that round votes.
+    early_exit: float | None = None
+    min_rounds: int = 0
     # How many times the engine re-issues a request whose backend gave up, before recording it failed.
     candidate_retries: int = 1
     preset: str | None = field(default=None, compare=False)
@@ -93,6 +97,8 @@ class RSAConfig:
         values = {**PRESETS[name].values, **given}
         if "budget" in given and "final_budget" not in given:
             values.pop("final_budget", None)  # a budget set by hand is every stage's unless said otherwise
+        if "early_exit" not in given and not values.get("rounds") and values.get("final") != "aggregate":
+            values.pop("early_exit", None)  # an -adaptive preset run as one stage: nothing to stop early
         return cls.from_dict({**values, "preset": name})
 
     @classmethod
@@ -183,6 +189,7 @@ def _validate(cfg: RSAConfig) -> None:
     if not isinstance(cfg.stop, tuple) or len(cfg.stop) > 8 or not all(
             isinstance(x, str) and 0 < len(x) <= 200 for x in cfg.stop):
         raise ConfigError("stop", "must be at most 8 non-empty strings of at most 200 characters")
+    _validate_early_exit(cfg)
     if cfg.prompt_version is not None and not isinstance(cfg.prompt_version, str):
         raise ConfigError("prompt_version", f"must be a version string such as '2', got {cfg.prompt_version!r}")
     for name, allowed in (("tail_source", TAIL_SOURCES), ("final", FINAL_MODES), ("task", TASKS),
@@ -204,6 +211,22 @@ def _validate(cfg: RSAConfig) -> None:
         )
     if cfg.chunk_size > cfg.budget:
         raise ConfigError("chunk_size", f"chunk_size ({cfg.chunk_size}) must not exceed budget ({cfg.budget})")
+
+
+def _validate_early_exit(cfg: RSAConfig) -> None:
+    value = cfg.early_exit
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or not 0 < value <= 1):
+        raise ConfigError("early_exit", f"must be a share of the population in (0, 1] (1 = unanimous), got {value!r}")
+    _positive_int(cfg, "min_rounds", minimum=0)
+    if value is not None and not cfg.aggregates:
+        raise ConfigError("early_exit", "a run of one stage (rounds 0, no final aggregation) has nothing to stop "
+                                        "early; set rounds above 0 or drop early_exit")
+    if cfg.min_rounds and value is None:
+        raise ConfigError("min_rounds", "only applies with early_exit; set early_exit as well")
+    if cfg.min_rounds > cfg.rounds:
+        raise ConfigError("min_rounds", f"min_rounds ({cfg.min_rounds}) exceeds rounds ({cfg.rounds}), so early "
+                                        "exit could never happen; lower it")
 
 
 @dataclass(frozen=True)
@@ -265,3 +288,13 @@ PRESETS: Mapping[str, Preset] = _presets(
         },
     ),
 )
+#: Consensus early exit at 0.9 agreement: an ``-adaptive`` variant of each preset that mirrors a published
+#: setting (those presets themselves keep every round, fidelity first).
+ADAPTIVE_EARLY_EXIT = 0.9
+PRESETS = {
+    **PRESETS,
+    **{f"{name}-adaptive": Preset(f"{name}-adaptive", f"{PRESETS[name].summary}; stops early at "
+                                                      f"{ADAPTIVE_EARLY_EXIT:.0%} agreement",
+                                  {**PRESETS[name].values, "early_exit": ADAPTIVE_EARLY_EXIT})
+       for name in ("zaya-16k", "zaya-40k", "light", "apex-high", "rsa-paper")},
+}

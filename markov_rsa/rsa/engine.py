@@ -18,7 +18,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +28,10 @@ from markov_rsa.backends.base import NORMAL_FINISH, Backend, Message, SamplingPa
 from markov_rsa.errors import BackendError, BackendRequestError, BackendUnavailableError
 from markov_rsa.rsa.answers import majority, tool_calls_key
 from markov_rsa.rsa.config import RSAConfig
+from markov_rsa.rsa.consensus import exits_early, round_agreement
 from markov_rsa.rsa.events import (
     CandidateFinished,
+    ConsensusReached,
     Event,
     RoundFinished,
     RoundProgress,
@@ -43,6 +45,9 @@ from markov_rsa.rsa.tails import carried_text, last_tokens, split_reasoning
 from markov_rsa.rsa.tasks import Task, task_for
 
 logger = logging.getLogger(__name__)
+
+#: Asked before stage ``t`` (>= 1) with the round just finished: may the run have stage ``t``?
+StageGate = Callable[[int, RoundRecord], Awaitable[bool]]
 
 
 def derive_seed(*parts: int) -> int:
@@ -92,6 +97,8 @@ class _Run:
     started: float = field(default_factory=time.perf_counter)
     usage: Usage = field(default_factory=Usage)
     rounds: list[RoundRecord] = field(default_factory=list)
+    #: Set when consensus ended the run early (see RSAResult.consensus).
+    consensus: dict[str, Any] | None = None
     #: Tokens each unfinished candidate of the current stage has streamed so far.
     streamed: dict[int, int] = field(default_factory=dict)
 
@@ -133,6 +140,7 @@ class MarkovianRSA:
     async def stream(
         self, problem: str, *, context: Sequence[Message] = (), trailing: Sequence[Message] = (),
         tools: Sequence[dict[str, Any]] = (), tool_choice: Any = None, extra: dict[str, Any] | None = None,
+        gate: StageGate | None = None,
     ) -> AsyncGenerator[Event, None]:
         """Yield the run's events; the last is :class:`RunFinished`. Closing the iterator cancels the
         run's outstanding requests.
@@ -140,7 +148,8 @@ class MarkovianRSA:
         ``context`` goes before the problem in every prompt (system messages, earlier turns). With
         ``tools`` every rollout may call them: a candidate that ends in tool calls is a candidate like
         any other, and they vote in their canonical form. ``extra`` fields go to every request as they
-        are (``response_format``...)."""
+        are (``response_format``...). ``gate`` is asked before every stage after round 0 whether the
+        run may have it (a scheduler sharing one budget across problems); ``False`` ends the run."""
         cfg = self.config
         options: dict[str, Any] = {"tools": tuple(tools), "tool_choice": tool_choice, "extra": dict(extra or {})}
         run = _Run(problem, cfg, cfg.seed if cfg.seed is not None else secrets.randbelow(2**31),
@@ -152,7 +161,16 @@ class MarkovianRSA:
         try:
             previous: list[Candidate] = []
             aggregate = cfg.final == "aggregate"
-            for t in range(cfg.rounds + 1):
+            for t in range(cfg.rounds + 1 + aggregate):
+                if t:  # between stages: consensus may end the run, a shared budget may withhold the next stage
+                    early = await self._between(run, t, gate)
+                    if early is not None:
+                        stop = early
+                        if run.consensus is not None:
+                            yield ConsensusReached(**run.consensus)
+                        break
+                if t > cfg.rounds:
+                    break
                 kind: RoundKind = "initial" if t == 0 else "aggregate"
                 budget = cfg.last_stage_budget if t == cfg.rounds and not aggregate else cfg.budget
                 stage = self._round(run, t, kind, previous, cfg.population, exact, budget)
@@ -160,7 +178,7 @@ class MarkovianRSA:
                     async for event in it:
                         yield event
                 previous = [c for c in run.rounds[-1].candidates if c.ok]
-            if aggregate:
+            if aggregate and stop == "complete":
                 final = self._round(run, cfg.rounds + 1, "final", previous, cfg.final_n, exact,
                                     cfg.last_stage_budget)
                 async with contextlib.aclosing(final) as it:
@@ -169,6 +187,20 @@ class MarkovianRSA:
         except _LimitReached as limit:
             stop = limit.reason
         yield RunFinished(await self._finish(run, stop, exact))
+
+    async def _between(self, run: _Run, stage: int, gate: StageGate | None) -> StopReason | None:
+        """Before stage ``stage``: ``consensus`` when the last round agrees enough, ``total_token_budget``
+        when the gate withholds the stage, else None (go on)."""
+        last = run.rounds[-1]
+        if self.config.early_exit is not None:
+            agreement = await round_agreement(self.task, last.candidates)
+            if exits_early(self.config, last.index, agreement):
+                run.consensus = {"round": last.index, "agreement": agreement, "threshold": self.config.early_exit}
+                logger.debug("round %d: %.0f%% agree, stopping early", last.index, 100 * agreement)
+                return "consensus"
+        if gate is not None and not await gate(stage, last):
+            return "total_token_budget"
+        return None
 
     # -- one stage ----------------------------------------------------------------------------
     async def _round(
@@ -360,7 +392,7 @@ class MarkovianRSA:
         return candidate
 
     # -- final selection ----------------------------------------------------------------------
-    def _choose(self, run: _Run) -> tuple[list[Candidate], Selection]:
+    def _choose(self, run: _Run, stop: StopReason) -> tuple[list[Candidate], Selection]:
         """The candidates that vote, and why those (see :data:`~markov_rsa.rsa.result.Selection`)."""
         stages = [r for r in run.rounds if r.kind != "final"]
         usable = [r for r in stages if any(c.ok for c in r.candidates)]
@@ -371,6 +403,8 @@ class MarkovianRSA:
             return pool, "population"
         if not pool:
             return [], "none"
+        if stop in ("consensus", "total_token_budget"):  # stopped between stages: the last round votes
+            return pool, "majority"
         cut_short = not stages[-1].complete
         if self.config.final == "aggregate" and not cut_short:
             final = run.rounds[-1] if run.rounds[-1].kind == "final" else None
@@ -381,7 +415,7 @@ class MarkovianRSA:
 
     async def _finish(self, run: _Run, stop: StopReason, exact: bool) -> RSAResult:
         cfg = self.config
-        pool, selection = self._choose(run)
+        pool, selection = self._choose(run, stop)
         chosen: Candidate | None = None
         votes = 0
         if pool and selection != "population":
@@ -413,6 +447,7 @@ class MarkovianRSA:
             tails_approximate=not exact or any(c.tail_approximate for r in run.rounds for c in r.candidates),
             selection=selection,
             sampling=sampling,
+            consensus=run.consensus,
         )
 
     @staticmethod

@@ -77,6 +77,16 @@ class RoundFinished(Event):
 
 
 @dataclass(frozen=True)
+class ConsensusReached(Event):
+    """Early exit: ``agreement`` of round ``round``'s population reached ``threshold``; that round votes."""
+
+    kind: ClassVar[str] = "consensus_reached"
+    round: int
+    agreement: float
+    threshold: float
+
+
+@dataclass(frozen=True)
 class RunFinished(Event):
     kind: ClassVar[str] = "run_finished"
     result: RSAResult

@@ -14,7 +14,9 @@ from typing import Any, Literal
 from markov_rsa.rsa.config import RSAConfig
 
 RoundKind = Literal["initial", "aggregate", "final"]
-StopReason = Literal["complete", "token_budget", "time_limit", "cancelled"]
+#: ``consensus``: early exit, the population agreed (see :mod:`markov_rsa.rsa.consensus`);
+#: ``total_token_budget``: a benchmark's shared budget gave the problem no further round.
+StopReason = Literal["complete", "token_budget", "time_limit", "cancelled", "consensus", "total_token_budget"]
 #: How the answer was chosen. ``majority``: the last stage's vote; ``final_aggregate``: the vote of the
 #: final aggregations; ``last_complete_round``: a limit cut a round short, so the last complete round
 #: voted (early finishers are the shortest traces, a biased sample); ``majority_after_final``: the
@@ -131,6 +133,8 @@ class RSAResult:
     selection: Selection = "majority"
     #: The sampling every request stated, per kind of stage (``top_k: null`` was sent as disabled).
     sampling: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: With ``stop_reason="consensus"``: the round that voted, its agreement and the threshold it reached.
+    consensus: dict[str, Any] | None = None
 
     @property
     def population(self) -> list[Candidate]:

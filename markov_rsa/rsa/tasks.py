@@ -66,11 +66,13 @@ ProgramScorer = Callable[[str], Awaitable[int]]
 
 @dataclass(frozen=True)
 class CodeTask:
-    """Programs as answers. With a scorer, ``majority`` picks the candidate passing most tests."""
+    """Programs as answers. With a scorer, ``majority`` picks the candidate passing most tests; with
+    ``outcomes`` (each public test's pass/fail), agreement is measured on outcome vectors."""
 
     prompts: PromptSet = PROMPTS["code"]
     name: str = "code"
     scorer: ProgramScorer | None = None
+    outcomes: Callable[[str], Awaitable[tuple[bool, ...]]] | None = None
 
     def extract_answer(self, text: str) -> str | None:
         return extract_code(text)

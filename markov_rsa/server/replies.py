@@ -49,6 +49,7 @@ def rsa_metadata(result: RSAResult) -> dict[str, Any]:
         "config": result.config.to_dict(),
         "seed": result.seed,
         "stop_reason": result.stop_reason,
+        "consensus": result.consensus,
         "selection": result.selection,
         "selected": list(result.selected) if result.selected else None,
         "votes": result.votes,

@@ -224,8 +224,11 @@ def _rsa_request(body: dict[str, Any], settings: ServerSettings, plan: ProxyPlan
         origin[name] = f"rsa.{name}"
     if "budget" in changes and "final_budget" not in changes:
         changes["final_budget"] = None  # a budget set by hand is every stage's unless said otherwise
+    merged = {**base, **changes, "preset": settings.config.preset if plan is None else None}
+    if "early_exit" not in changes and not merged["rounds"] and merged["final"] != "aggregate":
+        merged.update(early_exit=None, min_rounds=0)  # the server's early exit has nothing to stop in one stage
     try:
-        config = RSAConfig.from_dict({**base, **changes, "preset": settings.config.preset if plan is None else None})
+        config = RSAConfig.from_dict(merged)
     except ConfigError as exc:
         param = origin.get(exc.field, exc.field)
         message = str(exc).split(": ", 1)[1] if ": " in str(exc) else str(exc)
