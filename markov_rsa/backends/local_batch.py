@@ -79,6 +79,10 @@ class RunningBatch:
         self._staged_cache: Any = None
         self._staged_mask: Any = None
         self._params: dict[str, Any] | None = None
+        #: The keyword the model's forward takes its cache under (``cache`` from transformers 5.24;
+        #: ``past_key_values`` in remote-code models written for earlier releases): a keyword a model
+        #: does not know lands in its ``**kwargs`` and is ignored, which would run every step without context.
+        self.cache_keyword = cache_keyword(model)
 
     # -- admission ----------------------------------------------------------------------------
     def can_stage(self) -> bool:
@@ -181,7 +185,7 @@ class RunningBatch:
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1)
-        return getattr(out, "cache", None) or out.past_key_values, mask
+        return _returned_cache(out), mask
 
     # -- leaving ------------------------------------------------------------------------------
     def drop(self, leaving: set[int]) -> None:
@@ -205,9 +209,13 @@ class RunningBatch:
         ids = torch.tensor([[row.pending] for row in rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[row.cached] for row in rows], dtype=torch.long, device=self.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(rows), 1))], dim=1)
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, cache=self.cache,
-                         use_cache=True)
-        self.cache = getattr(out, "cache", None) or out.past_key_values
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                         **{self.cache_keyword: self.cache})
+        cache = _returned_cache(out)
+        if self.can_join and _kv_width(cache) not in (None, self.mask.shape[1]):
+            raise RuntimeError(f"the model ignored the cache passed as {self.cache_keyword}= (it returned "
+                               f"{_kv_width(cache)} columns, not {self.mask.shape[1]})")
+        self.cache = cache
         tokens = self._sample(out.logits[:, -1, :]).tolist()
         del out
         for row, token in zip(rows, tokens, strict=True):
@@ -367,6 +375,31 @@ def _select(cache: Any, index: Any) -> Any:
                 setattr(clone, states, {i: None if t is None else t.index_select(0, index) for i, t in held.items()})
         chosen.layers.append(clone)
     return chosen
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword ``model.forward`` takes its KV cache under, read from its signature."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise TypeError(f"{type(model).__name__}.forward takes neither cache= nor past_key_values=")
+
+
+def _returned_cache(out: Any) -> Any:
+    """The cache a forward returned (``out.cache``, or ``out.past_key_values`` in remote-code models)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _kv_width(cache: Any) -> int | None:
+    """Columns held by the cache's first attention layer (None where no layer holds keys)."""
+    for layer in cache.layers:
+        if _holds_kv(layer):
+            return int(layer.keys.shape[-2])
+    return None
 
 
 def _holds_kv(layer: Any) -> bool:

@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import queue
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -32,14 +33,34 @@ from markov_rsa.backends.local_batch import Row, RunningBatch
 from markov_rsa.errors import BackendRequestError, BackendUnavailableError, MissingDependencyError
 
 _INSTALL_HINT = "install the local backend with: pip install 'markov-rsa[local]'"
+#: The lowest transformers the local backend runs on, as pyproject's ``local`` extra says: earlier
+#: 5.x releases take the cache under another keyword and hold linear-attention state in another
+#: layout, which would run every step without its context rather than fail.
+TRANSFORMERS_FLOOR = (5, 24)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"5.24.0.dev0"`` -> ``(5, 24, 0)``: the leading numeric release."""
+    match = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(p) for p in match.group(0).split(".")) if match else ()
+
+
+def check_transformers(version: str) -> None:
+    """Refuse a transformers older than the floor, with the command that fixes it."""
+    if _release(version) < TRANSFORMERS_FLOOR:
+        floor = ".".join(map(str, TRANSFORMERS_FLOOR))
+        raise MissingDependencyError(
+            f"transformers: the local backend needs {floor} or later, found {version}; "
+            f"pip install 'transformers>={floor}'")
 
 
 def _import_torch() -> Any:
     try:
         import torch
-        import transformers  # noqa: F401
+        import transformers
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise MissingDependencyError(f"the local backend needs torch and transformers; {_INSTALL_HINT}") from exc
+    check_transformers(transformers.__version__)
     return torch
 
 
