@@ -19,8 +19,10 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import math
 import queue
 import re
+import secrets
 import threading
 import time
 from collections.abc import Sequence
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from markov_rsa.backends.base import BackendInfo, Generation, GenerationRequest
-from markov_rsa.backends.local_batch import Row, RunningBatch
+from markov_rsa.backends.local_batch import Admission, Row, RunningBatch
 from markov_rsa.errors import BackendRequestError, BackendUnavailableError, MissingDependencyError
 
 _INSTALL_HINT = "install the local backend with: pip install 'markov-rsa[local]'"
@@ -117,6 +119,47 @@ class BatchStats:
     peak_cache_bytes: int = 0
 
 
+#: Most stop strings one request may carry (each is searched for after every step).
+MAX_STOPS = 16
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_request(request: GenerationRequest, vocab: int) -> None:
+    """Refuse a request the worker could not run correctly, naming the field and the fix.
+
+    Run on the caller's side before the request joins a batch, so a bad request fails alone.
+    """
+    if not _integer(request.max_tokens) or request.max_tokens < 0:
+        raise BackendRequestError(f"max_tokens: must be a whole number >= 0, got {request.max_tokens!r}", 400)
+    sampling = request.sampling
+    if not _real(sampling.temperature) or sampling.temperature < 0:
+        raise BackendRequestError(f"temperature: must be a finite number >= 0 (0 = greedy), got "
+                                  f"{sampling.temperature!r}", 400)
+    if not _real(sampling.top_p) or not 0 < sampling.top_p <= 1:
+        raise BackendRequestError(f"top_p: must be in (0, 1], got {sampling.top_p!r}", 400)
+    if sampling.top_k is not None and (not _integer(sampling.top_k) or sampling.top_k < 0):
+        raise BackendRequestError(f"top_k: must be a whole number >= 1, or None for off, got {sampling.top_k!r}",
+                                  400)
+    if sampling.seed is not None and not _integer(sampling.seed):
+        raise BackendRequestError(f"seed: must be a whole number or None, got {sampling.seed!r}", 400)
+    stop = sampling.stop
+    if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop):
+        raise BackendRequestError(f"stop: must be a tuple of non-empty strings, got {stop!r}", 400)
+    if len(stop) > MAX_STOPS:
+        raise BackendRequestError(f"stop: at most {MAX_STOPS} stop strings, got {len(stop)}", 400)
+    prefix = request.assistant_prefix_ids
+    if prefix is not None and not all(_integer(t) and 0 <= t < vocab for t in prefix):
+        raise BackendRequestError(f"assistant_prefix_ids: every id must be a whole number in [0, {vocab}) "
+                                  "(the model's vocabulary)", 400)
+
+
 def _fail_rows(rows: Sequence[Row], error: Exception) -> None:
     """Fail the requests of ``rows`` that are still waiting for a result."""
     for row in rows:
@@ -167,6 +210,11 @@ class TransformersBackend:
             tokenizer="exact",
             extra={"dtype": str(self.model.dtype).replace("torch.", ""), "model_type": self.model.config.model_type},
         )
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        self._vocab = int(getattr(embeddings, "num_embeddings", 0) or self.model.config.vocab_size)
+        #: Positions the model was built for (None where the config does not say): prompt plus
+        #: max_tokens must fit, or positions past it would run silently wrong (or fail the batch).
+        self._context: int | None = getattr(self.model.config, "max_position_embeddings", None)
         self.max_batch_size = max_batch_size
         self.prefix_sharing = prefix_sharing
         self.batch_window = batch_window
@@ -233,6 +281,7 @@ class TransformersBackend:
                                       "OpenAI-compatible backend (--base-url) for agent requests", 400)
         if self._closed:
             raise BackendUnavailableError("the local backend was closed")
+        validate_request(request, self._vocab)
         future: concurrent.futures.Future[Generation] = concurrent.futures.Future()
         item = _Item(request, future)
         self._queue.put(item)
@@ -252,7 +301,9 @@ class TransformersBackend:
             return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))
 
     async def aclose(self) -> None:
-        self.close()
+        """close() on a thread: waiting for the worker to finish its step (a long prefill may take
+        seconds) never blocks the event loop."""
+        await asyncio.to_thread(self.close)
 
     def close(self) -> None:
         """Stop running rows at their next step, fail queued requests, and wait for the worker."""
@@ -334,16 +385,32 @@ class TransformersBackend:
             if not item.future.set_running_or_notify_cancel():
                 continue  # cancelled while it waited: it never runs
             try:
-                rows.append(self._row(item))
+                row = self._row(item)
+            except BackendRequestError as exc:
+                item.future.set_exception(exc)
+                continue
             except Exception as exc:  # a prompt the tokenizer rejects fails that request only
-                item.future.set_exception(BackendRequestError(f"messages: {exc}"))
+                item.future.set_exception(BackendRequestError(f"messages: {exc}", 400))
+                continue
+            if item.request.max_tokens == 0:  # nothing to generate: no step is computed for it
+                self._resolve(row, 0.0)
+                continue
+            rows.append(row)
         if not rows:
             return
         try:
-            staged = batch.stage(rows)
+            self._count(batch.stage(rows))
         except Exception as exc:
-            _fail_rows(rows, BackendUnavailableError(f"local generation failed: {exc}"))
-            return
+            if len(rows) == 1:
+                _fail_rows(rows, BackendUnavailableError(f"local generation failed: {exc}"))
+                return
+            for row in rows:  # prefill them one by one: the request that fails, fails alone
+                try:
+                    self._count(batch.stage([row]))
+                except Exception as alone:
+                    _fail_rows([row], BackendUnavailableError(f"local generation failed: {alone}"))
+
+    def _count(self, staged: Admission) -> None:
         self._stats.batches += 1
         self._stats.rows += staged.rows
         self._stats.prefill_tokens += staged.computed
@@ -351,10 +418,20 @@ class TransformersBackend:
 
     def _row(self, item: _Item) -> Row:
         sampling = item.request.sampling
+        prompt = self._prompt_ids(item.request)
+        if not prompt:
+            raise BackendRequestError("messages: the prompt renders to no tokens", 400)
+        if not all(0 <= t < self._vocab for t in prompt):
+            raise BackendRequestError(f"messages: the tokenizer gives ids outside the model's vocabulary "
+                                      f"({self._vocab}); use the model's own tokenizer", 400)
+        if self._context is not None and len(prompt) + item.request.max_tokens > self._context:
+            raise BackendRequestError(
+                f"max_tokens: the prompt's {len(prompt)} tokens plus max_tokens={item.request.max_tokens} exceed "
+                f"the model's {self._context} positions; lower max_tokens or shorten the prompt", 400)
         generator = self._torch.Generator()
-        generator.manual_seed(sampling.seed if sampling.seed is not None else self._torch.seed())
-        return Row(item, self._prompt_ids(item.request), sampling.temperature, sampling.top_p, sampling.top_k,
-                   generator)
+        # An unseeded request draws its seed from the OS, never from (or into) torch's global RNG.
+        generator.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
+        return Row(item, prompt, sampling.temperature, sampling.top_p, sampling.top_k, generator)
 
     def _finish_rows(self, batch: RunningBatch) -> None:
         """Drop finished rows, update the counters, then resolve their futures (in that order, so
@@ -363,17 +440,30 @@ class TransformersBackend:
         held_rows, held_bytes = batch.cache_rows(), batch.cache_bytes()  # what this step ran with
         if finished:
             batch.drop({n for n, _ in finished})
-        now = time.perf_counter()
-        results = [(row, self._generation(row, now - row.owner.enqueued, self._opens_think(row.prompt)))
-                   for _, row in finished if not row.owner.cancelled]
-        self._stats.kept_tokens += sum(generation.completion_tokens for _, generation in results)
         self._stats.cache_rows, self._stats.cache_bytes = (
             (batch.cache_rows(), batch.cache_bytes()) if finished else (held_rows, held_bytes))
         self._stats.peak_rows = max(self._stats.peak_rows, held_rows)
         self._stats.peak_cache_bytes = max(self._stats.peak_cache_bytes, held_bytes)
-        for row, generation in results:
-            if not row.owner.future.done():
-                row.owner.future.set_result(generation)
+        now = time.perf_counter()
+        for _, row in finished:
+            self._resolve(row, now - row.owner.enqueued)
+
+    def _resolve(self, row: Row, latency: float) -> None:
+        """Settle one finished row's future: its generation, or the error building it raised
+        (which fails that request alone). An abandoned row's future is settled too."""
+        future = row.owner.future
+        if future.done():
+            return
+        if row.owner.cancelled:
+            future.set_exception(BackendUnavailableError("the request was cancelled"))
+            return
+        try:
+            generation = self._generation(row, latency, self._opens_think(row.prompt))
+        except Exception as exc:
+            future.set_exception(BackendUnavailableError(f"local generation failed building the result: {exc}"))
+            return
+        self._stats.kept_tokens += generation.completion_tokens
+        future.set_result(generation)
 
     def _done(self, row: Row) -> bool:
         """Whether a row is finished: end of text, its token limit, a stop string, or cancelled."""
@@ -381,8 +471,11 @@ class TransformersBackend:
         if row.owner.cancelled or len(row.generated) >= request.max_tokens or row.generated[-1] in self._eos_set:
             return True
         if request.sampling.stop:
-            with self._tok_lock:
-                text = self.tokenizer.decode(row.generated[-64:], skip_special_tokens=False)
+            try:
+                with self._tok_lock:
+                    text = self.tokenizer.decode(row.generated[-64:], skip_special_tokens=False)
+            except Exception:  # the row ends here; building its result reports the error for it alone
+                return True
             return any(stop in text for stop in request.sampling.stop)
         return False
 
