@@ -22,8 +22,8 @@ keys/values; linear-attention layers (ZAYA's CCA conv and recurrent value state)
 with no sequence axis. Caches of other layouts (sliding windows, static or quantised caches) still
 drop rows, but only admit new rows when the batch is empty: correct, less busy.
 
-Every row keeps its own position ids and its own seeded sampler, so its tokens do not depend on
-when it joined or which rows it shared steps with.
+Every row keeps its own position ids and its own seeded sampler; only the rounding of the batched
+matmuls depends on the batch's shape (see the backend's docstring for what is deterministic).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ decode steps, finished or cancelled rows leave it and waiting requests are prefi
 up to ``max_batch_size`` rows. A ragged round therefore never computes padding for rows that
 ended, and the next round of another problem (or a second ``rsa serve`` request) starts as soon
 as there is room rather than when the whole batch has drained. Sampling is done per row with the
-row's own seeded generator and stops are checked per row, so a request's tokens do not depend on
-when it joined or which rows it shared steps with.
+row's own seeded generator and stops are checked per row. Logits still differ at rounding level
+with the batch's shape, so what is guaranteed is: greedy tokens on CPU equal the request run alone,
+and a seeded sampled request is reproducible for the same arrival pattern.
 
 Identical prompts that join together are prefilled once and their cache expanded to every row
 with ``Cache.reorder_cache``, which is correct for recurrent/convolutional layers (ZAYA's CCA) as
