@@ -173,3 +173,27 @@ async def test_unseeded_requests_leave_the_global_rng_alone_and_aclose_does_not_
     with pytest.raises(BackendUnavailableError):
         await running
     assert ticks >= 1 and not backend._worker.is_alive()
+
+
+async def test_a_long_row_does_not_pad_every_short_one_to_its_width(tiny_zaya, tokenizer):
+    """One 600-token prompt among short joiners: with the padding cap, short rows wait for room
+    rather than each being padded to the long row's width; tokens are the same either way."""
+    long = req(({"role": "user", "content": "Summarise. " + "The tide came in over the flats. " * 75},), 30)
+    short = [req(({"role": "user", "content": f"Count to {n}."},), 10) for n in range(6)]
+    runs = {}
+    for cap in (0.5, 1.0):
+        backend = TransformersBackend(model_object=tiny_zaya, tokenizer_object=tokenizer, device="cpu",
+                                      max_padding=cap)
+        try:
+            first = asyncio.create_task(backend.generate(long))
+            while backend.stats.steps == 0:
+                await asyncio.sleep(0.001)
+            rest = await asyncio.gather(*(backend.generate(r) for r in short))
+            runs[cap] = ([g.token_ids for g in (await first, *rest)], backend.stats)
+        finally:
+            backend.close()
+    (capped, capped_stats), (free, free_stats) = runs[0.5], runs[1.0]
+    assert capped == free
+    assert free_stats.peak_rows == 7 and capped_stats.peak_rows < 7
+    assert capped_stats.peak_cache_bytes < free_stats.peak_cache_bytes / 2
+    assert capped_stats.cache_bytes == 0 and capped_stats.peak_cache_bytes > 0

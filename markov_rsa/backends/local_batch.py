@@ -62,8 +62,14 @@ class Admission:
 class RunningBatch:
     """The rows running on one model and their shared cache. Used from one thread only."""
 
-    def __init__(self, model: Any, torch: Any, device: str, pad: int, prefix_sharing: bool) -> None:
+    def __init__(self, model: Any, torch: Any, device: str, pad: int, prefix_sharing: bool,
+                 max_padding: float = 0.5) -> None:
         self.model = model
+        #: Largest share of the running cache's cells that may be padding after a join (a long row
+        #: beside short ones pads every short row to its width); rows that would pass it wait.
+        self.max_padding = max_padding
+        #: Most cache bytes held at once: running and staged rows, and the copies a join makes.
+        self.peak_bytes = 0
         self.torch = torch
         self.device = device
         self.pad = pad
@@ -140,12 +146,16 @@ class RunningBatch:
             return []
         torch = self.torch
         alive = [n for n, row in enumerate(self.staged) if not row.owner.cancelled]
-        take, rest = alive[:free], alive[free:]
+        take = self._fitting(alive, free)
+        rest = [n for n in alive if n not in take]
         if take:
             index = torch.tensor(take, dtype=torch.long, device=self.device)
             everything = len(take) == len(self.staged)
             if self.rows:
+                before = self._bytes(self.cache) + self._bytes(self._staged_cache)
                 self.mask = _concat(torch, self.cache, self.mask, self._staged_cache, self._staged_mask, index)
+                # the old running tensors and the merged ones existed together for a moment
+                self.peak_bytes = max(self.peak_bytes, before + self._bytes(self.cache))
             elif rest:  # the rest stay staged: the running batch gets a copy of its rows
                 self.cache = _select(self._staged_cache, index)
                 self.mask = _trim(torch, self.cache, self._staged_mask.index_select(0, index), True)
@@ -165,6 +175,23 @@ class RunningBatch:
             self._staged_mask = _trim(torch, self._staged_cache, self._staged_mask.index_select(0, index), True)
             self.staged = [self.staged[n] for n in rest]
         return joined
+
+    def _fitting(self, alive: list[int], free: int) -> list[int]:
+        """The staged rows (oldest first, at most ``free``) that may join without the running cache
+        passing ``max_padding``. The first row that does not fit stops the rest, so a wide row is
+        not overtaken forever: the batch drains until it fits (an empty batch takes any row)."""
+        take: list[int] = []
+        rows = len(self.rows)
+        width = int(self.mask.shape[1]) if self.rows and self.mask is not None else 0
+        real = sum(row.cached for row in self.rows)
+        for n in alive[:free]:
+            cached = self.staged[n].cached
+            wider = max(width, cached)
+            if rows and wider * (rows + 1) and 1 - (real + cached) / (wider * (rows + 1)) > self.max_padding:
+                break
+            take.append(n)
+            rows, width, real = rows + 1, wider, real + cached
+        return take
 
     def discard_staged(self) -> list[Row]:
         """Forget every staged row (their requests are failed by the caller); returns them."""
@@ -234,10 +261,17 @@ class RunningBatch:
         return int(self.mask.shape[0])
 
     def cache_bytes(self) -> int:
-        if self.cache is None:
+        """Bytes of cache held now: the running rows' and the staged rows' (prefilled, waiting)."""
+        held = self._bytes(self.cache) + self._bytes(self._staged_cache)
+        self.peak_bytes = max(self.peak_bytes, held)
+        return held
+
+    @staticmethod
+    def _bytes(cache: Any) -> int:
+        if cache is None:
             return 0
         total = 0
-        for layer in self.cache.layers:
+        for layer in cache.layers:
             for name in ("keys", "values"):
                 tensor = getattr(layer, name, None)
                 if tensor is not None:

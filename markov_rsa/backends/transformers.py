@@ -100,8 +100,10 @@ class BatchStats:
     rows joined a batch already running. ``row_steps`` counts rows fed to decode steps and
     ``kept_tokens`` the tokens of the completions returned (an end-of-text token, text past a stop
     string and cancelled rows are not kept), so ``kept_tokens / row_steps`` is the share of decode
-    work that was not wasted. ``cache_rows``/``cache_bytes`` are read from the cache tensors after
-    the latest step, and ``peak_rows``/``peak_cache_bytes`` are their maxima over the steps run:
+    work that was not wasted. ``cache_rows`` (running rows) and ``cache_bytes`` (running and staged
+    rows' cache) are read from the cache tensors after the latest step; ``peak_rows`` is the most
+    running rows and ``peak_cache_bytes`` the most cache bytes held at once, the copy a join makes
+    while it merges included:
     the batch never holds more than ``max_batch_size`` rows.
     The worker updates its own instance; ``TransformersBackend.stats`` hands out copies.
     """
@@ -181,11 +183,14 @@ class TransformersBackend:
         max_batch_size: int = 16,
         prefix_sharing: bool = True,
         batch_window: float = 0.005,
+        max_padding: float = 0.5,
         trust_remote_code: bool = False,
         model_object: Any = None,
         tokenizer_object: Any = None,
         name: str | None = None,
     ) -> None:
+        if not 0 <= max_padding <= 1:
+            raise BackendRequestError(f"max_padding: must be in [0, 1] (share of the cache), got {max_padding}")
         if max_batch_size < 1:
             raise BackendRequestError(f"max_batch_size: must be at least 1, got {max_batch_size}")
         torch = _import_torch()
@@ -219,6 +224,7 @@ class TransformersBackend:
         self.max_batch_size = max_batch_size
         self.prefix_sharing = prefix_sharing
         self.batch_window = batch_window
+        self.max_padding = max_padding
         self._tok_lock = threading.Lock()
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._stats = BatchStats()
@@ -317,7 +323,8 @@ class TransformersBackend:
 
     # -- the worker ---------------------------------------------------------------------------
     def _work(self) -> None:
-        batch = RunningBatch(self.model, self._torch, self._device, self._pad, self.prefix_sharing)
+        batch = RunningBatch(self.model, self._torch, self._device, self._pad, self.prefix_sharing,
+                             self.max_padding)
         waiting: collections.deque[_Item] = collections.deque()
         while True:
             idle = not (batch.rows or batch.staged)
@@ -337,7 +344,8 @@ class TransformersBackend:
                 _fail_rows(batch.rows, BackendUnavailableError(f"local generation failed: {exc}"))
                 batch.drop(set(range(len(batch.rows))))
             if not batch.rows:
-                self._stats.cache_rows = self._stats.cache_bytes = 0
+                self._stats.cache_rows, self._stats.cache_bytes = 0, batch.cache_bytes()
+            self._stats.peak_cache_bytes = max(self._stats.peak_cache_bytes, batch.peak_bytes)
 
     def _collect(self, waiting: collections.deque[_Item], *, block: bool, window: bool) -> bool:
         """Move queued requests to ``waiting``; True once close() was called.
