@@ -197,3 +197,30 @@ async def test_a_long_row_does_not_pad_every_short_one_to_its_width(tiny_zaya, t
     assert free_stats.peak_rows == 7 and capped_stats.peak_rows < 7
     assert capped_stats.peak_cache_bytes < free_stats.peak_cache_bytes / 2
     assert capped_stats.cache_bytes == 0 and capped_stats.peak_cache_bytes > 0
+
+
+async def test_a_decode_step_failure_fails_only_the_row_that_caused_it(tiny_zaya, tokenizer, monkeypatch):
+    """A row whose pending token breaks the decode step fails alone; the rows that shared the
+    step are re-prefilled from what they had and finish with the tokens they get alone."""
+    backend = TransformersBackend(model_object=tiny_zaya, tokenizer_object=tokenizer, device="cpu")
+    poison = (await backend.tokenize(" zebra"))[0]
+    forward = tiny_zaya.forward
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] == 1 and bool((ids == poison).any()):
+            raise RuntimeError("bad step")
+        return forward(*args, **kwargs)
+
+    good = [req(HELLO, 12), req(OTHER, 10), req(HELLO, 7)]
+    try:
+        alone = [(await backend.generate(r)).token_ids for r in good]
+        assert all(poison not in ids for ids in alone)
+        monkeypatch.setattr(tiny_zaya, "forward", failing)
+        results = await asyncio.wait_for(asyncio.gather(
+            *(backend.generate(r) for r in good[:2]), backend.generate(req(OTHER, 8, assistant_prefix_ids=(poison,))),
+            backend.generate(good[2]), return_exceptions=True), 120)
+    finally:
+        backend.close()
+    assert isinstance(results[2], BackendUnavailableError) and "bad step" in str(results[2])
+    assert [g.token_ids for g in (*results[:2], results[3])] == alone

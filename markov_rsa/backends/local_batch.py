@@ -49,6 +49,12 @@ class Row:
     cached: int = 0
     pending: int = 0
 
+    @property
+    def context(self) -> list[int]:
+        """Every token of the row so far: its prompt, then what it generated (the last one pending).
+        A row re-prefilled after a failed step resumes from here."""
+        return self.prompt + self.generated
+
 
 @dataclass(frozen=True)
 class Admission:
@@ -106,7 +112,8 @@ class RunningBatch:
         unique: dict[tuple[int, ...], int] = {}
         owners = []
         for n, row in enumerate(rows):
-            key = tuple(row.prompt[:-1]) if self.prefix_sharing else (n, *row.prompt[:-1])
+            context = row.context
+            key = tuple(context[:-1]) if self.prefix_sharing else (n, *context[:-1])
             owners.append(unique.setdefault(key, len(unique)))
         prefixes = [list(key if self.prefix_sharing else key[1:]) for key in unique]
         if self.can_join is None:  # a guess from the config until a prefill shows the real cache
@@ -129,15 +136,15 @@ class RunningBatch:
             cache.reorder_cache(index)
             mask = mask.index_select(0, index)
         for row in rows:
-            row.cached = len(row.prompt) - 1
-            row.pending = row.prompt[-1]
+            row.cached = len(row.context) - 1
+            row.pending = row.context[-1]
         if not self.staged:
             self._staged_cache, self._staged_mask = cache, mask
         else:
             self._staged_mask = _concat(torch, self._staged_cache, self._staged_mask, cache, mask)
         self.staged.extend(rows)
         computed = sum(len(p) for p in prefixes) + len(rows)
-        return Admission(len(rows), computed, sum(len(r.prompt) for r in rows) - computed)
+        return Admission(len(rows), computed, sum(len(r.context) for r in rows) - computed)
 
     def join(self, free: int) -> list[Row]:
         """Move up to ``free`` staged rows (oldest first) into the running batch; staged rows

@@ -163,6 +163,25 @@ def validate_request(request: GenerationRequest, vocab: int) -> None:
                                   "(the model's vocabulary)", 400)
 
 
+@dataclass
+class _Recovery:
+    """After a failed decode step: which row caused it, found without failing the others.
+
+    The failed step's cache cannot be trusted (some layers may have been updated), so every row it
+    held becomes a *suspect*: re-prefilled alone from its prompt and the tokens it has, and let back
+    into the batch one per step (*on probation* until a step with it succeeds). A step that fails
+    with a row on probation fails that row only; a step of one row fails that row. Each failure
+    thus fails one request, and the others go on with the tokens they had.
+    """
+
+    suspects: collections.deque[Row] = field(default_factory=collections.deque)
+    probation: Row | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.suspects) or self.probation is not None
+
+
 def _fail_rows(rows: Sequence[Row], error: Exception) -> None:
     """Fail the requests of ``rows`` that are still waiting for a result."""
     for row in rows:
@@ -326,21 +345,31 @@ class TransformersBackend:
         batch = RunningBatch(self.model, self._torch, self._device, self._pad, self.prefix_sharing,
                              self.max_padding)
         waiting: collections.deque[_Item] = collections.deque()
+        recovery = _Recovery()
         while True:
-            idle = not (batch.rows or batch.staged)
+            idle = not (batch.rows or batch.staged or recovery.suspects)
             closing = self._collect(waiting, block=idle, window=idle or len(batch.rows) < self.max_batch_size)
             if closing or self._stopping.is_set():
+                _fail_rows(recovery.suspects, BackendUnavailableError("the local backend was closed"))
                 self._fail(batch, waiting)
                 return
             try:
                 with self._torch.inference_mode():
-                    self._admit(batch, waiting)
+                    if recovery.active:
+                        self._readmit(batch, recovery)
+                    else:
+                        self._admit(batch, waiting)
                     if batch.rows:
-                        batch.step()
-                        self._stats.steps += 1
-                        self._stats.row_steps += len(batch.rows)
-                        self._finish_rows(batch)
-            except Exception as exc:  # one failed step fails its rows, never the worker
+                        try:
+                            batch.step()
+                        except Exception as exc:
+                            self._step_failed(batch, recovery, exc)
+                        else:
+                            recovery.probation = None
+                            self._stats.steps += 1
+                            self._stats.row_steps += len(batch.rows)
+                            self._finish_rows(batch)
+            except Exception as exc:  # anything else fails the running rows, never the worker
                 _fail_rows(batch.rows, BackendUnavailableError(f"local generation failed: {exc}"))
                 batch.drop(set(range(len(batch.rows))))
             if not batch.rows:
@@ -370,6 +399,38 @@ class TransformersBackend:
             waiting.append(item)
             if window_end is None and window:
                 window_end = time.perf_counter() + self.batch_window
+
+    def _step_failed(self, batch: RunningBatch, recovery: _Recovery, error: Exception) -> None:
+        """A decode step raised: fail the row that caused it, re-admit the others one by one."""
+        rows = list(batch.rows)
+        batch.drop(set(range(len(rows))))
+        culprit = recovery.probation if recovery.probation in rows else (rows[0] if len(rows) == 1 else None)
+        recovery.probation = None
+        if culprit is not None:
+            _fail_rows([culprit], BackendUnavailableError(f"local generation failed: {error}"))
+        recovery.suspects.extend(row for row in (*rows, *batch.discard_staged()) if row is not culprit)
+
+    def _readmit(self, batch: RunningBatch, recovery: _Recovery) -> None:
+        """Let the next suspect back in: re-prefilled alone, on probation for its first step."""
+        if recovery.probation is not None:
+            return
+        while recovery.suspects:
+            row = recovery.suspects.popleft()
+            if row.owner.cancelled:
+                self._resolve(row, 0.0)
+                continue
+            cap, batch.max_padding = batch.max_padding, 1.0  # a suspect rejoins now, whatever its width
+            try:
+                self._count(batch.stage([row]))
+                batch.join(1)
+            except Exception as exc:
+                batch.discard_staged()
+                _fail_rows([row], BackendUnavailableError(f"local generation failed: {exc}"))
+                continue
+            finally:
+                batch.max_padding = cap
+            recovery.probation = row
+            return
 
     def _admit(self, batch: RunningBatch, waiting: collections.deque[_Item]) -> None:
         """Fill free slots: prefill waiting requests (ahead of need, so several share a forward
