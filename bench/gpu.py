@@ -3,19 +3,24 @@
 The model has the published ZAYA1-8B configuration (``ZayaConfig()``'s defaults: 40 layers of CCA
 attention and 16-expert MoE, hidden 2048, vocabulary 262,272) with random bf16 weights, so the
 figures measure compute and memory, not answers. Where the GPU cannot hold every layer, fewer
-are built and the output says so. Measured, each in this one process:
+are built and the output says so. It runs from a checkout alone (no Hub, no file outside the
+repository). Measured, each in this one process:
 
-1. tokens/s for N = 1, 4, 16, 64 rows batched against one request at a time;
-2. ragged rows (lengths over 10-100% of β) against equal-length rows of the same total, N=16;
-3. prefix sharing: one round-0 prefill of a long prompt for 16 rows, shared against not;
-4. peak memory against T for Markovian RSA (τ < β) and full-chain RSA (τ = β), and against the
+0. greedy tokens batched against alone, checked before any timing;
+1. decode steps/s for N = 1, 4, 16, 64 (warmed up, min and median of repeats) next to the
+   memory-bandwidth bound for the active weights, and the aten ops one step dispatches;
+2. one row's decode steps/s after prompts of 1K, 4K and 16K tokens;
+3. tokens/s for N = 1, 4, 16, 64 rows batched against one request at a time;
+4. ragged rows (lengths over 10-100% of β) against equal-length rows of the same total, N=16;
+5. prefix sharing: one round-0 prefill of a long prompt for 16 rows, shared against not;
+6. peak memory against T for Markovian RSA (τ < β) and full-chain RSA (τ = β), and against the
    number of chunks of one chunked rollout versus one generation of the same length.
 
 Memory is reported twice: the backend's peak KV-cache bytes (read from the cache tensors, the same
 on any device) and, on a GPU, the allocator's peak above the weights. The tokenizer only renders
-prompts: with a smaller one than the model's vocabulary (the embedded SmolLM2 one by default; pass
-``--tokenizer Zyphra/ZAYA1-8B`` where the Hub is reachable), ids it cannot decode are masked out of
-sampling with an output bias so that tails carry whole tokens.
+prompts: by default a byte-level one built in (one id per byte, so a prompt of L characters is L
+tokens; pass ``--tokenizer DIR`` for another); ids it cannot decode are masked out of sampling
+with an output bias so that tails carry whole tokens.
 
 ``--tiny`` runs the same script on a two-layer model in seconds (the test suite's smoke test). Each
 section is written to ``results.json``/``results.md`` as it finishes, and a section that would
@@ -44,10 +49,38 @@ from markov_rsa import GenerationRequest, MarkovianRSA, RSAConfig, SamplingParam
 from markov_rsa.backends.transformers import TransformersBackend, select_device  # noqa: E402
 
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.95)
+GREEDY = SamplingParams(temperature=0)
+
+
+class ByteTokenizer:
+    """A tokenizer that needs no file: one id per UTF-8 byte, then end-of-text and padding.
+
+    The GPU machine is offline and the model's own tokenizer is not in the repository; prompts
+    only need exact ids (a prompt of L characters is L tokens), and the model's other ids are
+    masked out of sampling so every sampled token decodes.
+    """
+
+    chat_template = None
+    eos_token_id = 256
+    pad_token_id = 257
+    bos_token_id = None
+
+    def __len__(self) -> int:
+        return 258
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
 #: Sizes of the full run and of ``--tiny``.
-FULL = {"new": 128, "sizes": (1, 4, 16, 64), "beta": 192, "tau": 24, "rounds": (1, 3), "chunk": 128,
+FULL = {"new": 128, "sizes": (1, 4, 16, 64), "contexts": (1024, 4096, 16384), "repeats": 3,
+        "beta": 192, "tau": 24, "rounds": (1, 3), "chunk": 128,
         "carry": 32, "chunks": (1, 2, 4), "prompt_words": 1500}
-TINY = {"new": 8, "sizes": (1, 4, 16), "beta": 16, "tau": 4, "rounds": (1, 2), "chunk": 8, "carry": 2,
+TINY = {"new": 8, "sizes": (1, 4, 16), "contexts": (64, 256), "repeats": 2,
+        "beta": 16, "tau": 4, "rounds": (1, 2), "chunk": 8, "carry": 2,
         "chunks": (1, 2), "prompt_words": 60}
 
 
@@ -83,12 +116,27 @@ def build_model(torch: Any, device: str, tokenizer: Any, *, tiny: bool, layers: 
         with torch.no_grad():
             model.lm_head.bias.zero_()
             model.lm_head.bias[len(tokenizer):] = -1e4
+            model.lm_head.bias[tokenizer.eos_token_id] = -1e4  # rows run to max_tokens: steps are comparable
     params = sum(p.numel() for p in model.parameters())
     note = (f"{'tiny ZAYA' if tiny else 'ZAYA1-8B shapes'}: {layers} of {full_layers} layers, "
             f"{params / 1e9:.2f}B parameters, {str(dtype).replace('torch.', '')}, random weights")
     if masked:
         note += f"; ids beyond the tokenizer's {len(tokenizer):,} masked out of {vocab:,}"
     return model, note
+
+
+def active_weight_bytes(model: Any) -> int:
+    """Bytes of the weights one decode step reads: every parameter, less the experts a token does
+    not route to (top-k of E per MoE layer)."""
+    config = model.config
+    experts, top = getattr(config, "num_experts", 0) or 0, getattr(config, "num_experts_per_tok", 0) or 0
+    total = 0.0
+    for name, param in model.named_parameters():
+        size = param.numel() * param.element_size()
+        if experts and top and "experts" in name and "router" not in name:
+            size *= top / experts
+        total += size
+    return int(total)
 
 
 class Bench:
@@ -125,6 +173,122 @@ class Bench:
         self.write()
 
     # -- measurements -------------------------------------------------------------------------
+    def check(self) -> dict[str, Any]:
+        """Greedy tokens batched against alone, before any timing: a batch that changed a row's
+        tokens would make every figure after it meaningless (bf16 may flip near-ties: counted)."""
+        backend = self.backend(max_batch_size=8)
+        prompts = [f"Problem {i}: " + "sum the odd numbers. " * (1 + 3 * i) for i in range(4)]
+        requests = [GenerationRequest(({"role": "user", "content": p},), 16, GREEDY) for p in prompts]
+
+        async def run() -> tuple[list[Any], list[Any]]:
+            alone = [(await backend.generate(r)).token_ids for r in requests]
+            together = [g.token_ids for g in await asyncio.gather(*(backend.generate(r) for r in requests))]
+            return alone, together
+
+        try:
+            alone, together = asyncio.run(run())
+        finally:
+            backend.close()
+        same = sum(a == t for a, t in zip(alone, together, strict=True))
+        print(f"[bench-gpu] greedy batched == alone: {same}/{len(alone)} rows", file=sys.stderr, flush=True)
+        return {"equal": same, "rows": len(alone)}
+
+    def decode(self) -> dict[str, Any]:
+        """Decode steps/s per batch size (warmed up; min and median of repeats) next to the
+        memory-bandwidth bound: measured copy bandwidth over the bytes of the active weights."""
+        repeats, new = self.sizes["repeats"], max(4, self.sizes["new"] // 2)
+        rows = []
+        for n in self.sizes["sizes"]:
+            if self.left() < 0:
+                break
+            backend = self.backend(max_batch_size=n)
+
+            async def rate(backend: TransformersBackend = backend, n: int = n, tokens: int = new) -> float:
+                requests = [GenerationRequest(({"role": "user", "content": f"Row {i}."},), tokens,
+                                              GREEDY) for i in range(n)]
+                before = backend.stats.steps
+                self.sync()
+                start = time.perf_counter()
+                await asyncio.gather(*(backend.generate(r) for r in requests))
+                self.sync()
+                return (backend.stats.steps - before) / (time.perf_counter() - start)
+
+            try:
+                asyncio.run(rate(tokens=4))  # warm-up
+                rates = sorted(asyncio.run(rate()) for _ in range(repeats))
+            finally:
+                backend.close()
+            rows.append([n, round(rates[0], 1), round(rates[len(rates) // 2], 1), round(rates[len(rates) // 2] * n, 1)])
+        bandwidth = self.bandwidth()
+        active = active_weight_bytes(self.model)
+        bound = bandwidth / active if active else None
+        return {"rows": rows, "bandwidth_gbs": round(bandwidth / 1e9, 1),
+                "active_weight_mb": round(active / 1e6, 3),
+                "bound_steps_s": None if bound is None else round(bound, 1), "ops_per_step": self.ops_per_step(),
+                "repeats": repeats}
+
+    def context(self) -> dict[str, Any]:
+        """Decode steps/s of one row after prompts of growing length (where the Markovian bound on
+        the prompt matters), min and median of repeats."""
+        rows = []
+        backend = self.backend(max_batch_size=1)
+        try:
+            for length in self.sizes["contexts"]:
+                if self.left() < 0:
+                    break
+                text = "abcdefgh" * (length // 8)
+
+                async def once(text: str = text) -> float:
+                    request = GenerationRequest(({"role": "user", "content": text},), self.sizes["new"] // 4 + 2,
+                                                GREEDY)
+                    before = backend.stats.steps
+                    self.sync()
+                    start = time.perf_counter()
+                    await backend.generate(request)
+                    self.sync()
+                    return (backend.stats.steps - before) / (time.perf_counter() - start)
+
+                rates = sorted(asyncio.run(once()) for _ in range(self.sizes["repeats"]))
+                rows.append([length, round(rates[0], 1), round(rates[len(rates) // 2], 1)])
+        finally:
+            backend.close()
+        return {"rows": rows}
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize()
+
+    def bandwidth(self) -> float:
+        """Bytes/s of a device-to-device copy (read + write), best of three."""
+        torch = self.torch
+        size = 2**30 if self.device.startswith("cuda") else 32 * 2**20
+        src = torch.empty(size, dtype=torch.uint8, device=self.device)
+        dst = torch.empty_like(src)
+        best = 0.0
+        for _ in range(6):
+            self.sync()
+            start = time.perf_counter()
+            dst.copy_(src)
+            self.sync()
+            best = max(best, 2 * size / (time.perf_counter() - start))
+        return best
+
+    def ops_per_step(self) -> int:
+        """aten ops dispatched by one single-token forward: eager code launches one kernel or more each."""
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Count(TorchDispatchMode):
+            ops = 0
+
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                Count.ops += 1
+                return func(*args, **(kwargs or {}))
+
+        ids = self.torch.tensor([[1]], device=self.device)
+        with self.torch.inference_mode(), Count():
+            self.model(input_ids=ids, use_cache=True)
+        return Count.ops
+
     def throughput(self) -> dict[str, Any]:
         backend = self.backend(max_batch_size=max(self.sizes["sizes"]))
         new = self.sizes["new"]
@@ -253,6 +417,21 @@ class Bench:
 
 def markdown(r: dict[str, Any]) -> str:
     parts = [f"Model: {r['model']}. Device: {r.get('gpu', r['device'])}. Whole run: {r['seconds']} s."]
+    if "check" in r:
+        parts.append(f"Greedy tokens batched against alone, checked before timing: {r['check']['equal']} of "
+                     f"{r['check']['rows']} rows equal (bf16 can flip near-ties; CPU fp32 should be all).")
+    if "decode" in r:
+        d = r["decode"]
+        bound = "unknown" if d["bound_steps_s"] is None else f"{d['bound_steps_s']} steps/s"
+        parts += [f"Decode steps/s (warmed up; min and median of {d['repeats']}) against the memory-bandwidth "
+                  f"bound: {d['bandwidth_gbs']} GB/s measured copy bandwidth over {d['active_weight_mb']} MB of "
+                  f"active weights = {bound}. The step is eager PyTorch: {d['ops_per_step']:,} aten ops per "
+                  "single-token forward, each at least one kernel launch, so small batches are launch-bound, "
+                  "not bandwidth-bound (CUDA graphs or torch.compile would close that gap).",
+                  md_table(["N", "min steps/s", "median steps/s", "median tok/s"], d["rows"])]
+    if "context" in r:
+        parts += ["One row's decode steps/s after a prompt of L tokens (min and median):",
+                  md_table(["L", "min steps/s", "median steps/s"], r["context"]["rows"])]
     if "throughput" in r:
         parts += [f"Generated tokens/s, {r['throughput']['new_tokens']} sampled tokens per row, batched against "
                   "one request at a time:",
@@ -290,16 +469,13 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    if args.tokenizer is None:
-        from markov_rsa.backends.demo import demo_model_dir
-
-        args.tokenizer = str(demo_model_dir())
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = ByteTokenizer() if args.tokenizer is None else AutoTokenizer.from_pretrained(args.tokenizer)
     device, _ = select_device(torch, args.device)
     model, note = build_model(torch, device, tokenizer, tiny=args.tiny, layers=args.layers)
     print(f"[bench-gpu] {note}", file=sys.stderr, flush=True)
     bench = Bench(model, tokenizer, device, TINY if args.tiny else FULL, args.out, args.budget, note)
-    for name, run in (("throughput", bench.throughput), ("ragged", bench.ragged), ("prefix", bench.prefix),
+    for name, run in (("check", bench.check), ("decode", bench.decode), ("context", bench.context),
+                      ("throughput", bench.throughput), ("ragged", bench.ragged), ("prefix", bench.prefix),
                       ("memory", bench.memory)):
         bench.section(name, run)
     print(markdown(bench.results))

@@ -78,7 +78,43 @@ def bench_ragged(model_dir: Path, datasets: Path) -> dict[str, Any]:
     one, several = _eval_rates(backend, datasets)
     backend.close()
     return {"rows": rows, "beta": BETA, "lengths": f"{ragged[0]}-{ragged[-1]}", "equal": equal[0],
-            "eval_one": one, "eval_several": several, "problems": PROBLEMS}
+            "eval_one": one, "eval_several": several, "problems": PROBLEMS,
+            "padding": bench_padding(model_dir), "padding_prompt": LONG_PROMPT_TOKENS}
+
+
+#: About how many tokens the long prompt of the padding figure has (75 sentences of 8 tokens).
+LONG_PROMPT_TOKENS = 600
+
+
+def bench_padding(model_dir: Path) -> list[list[Any]]:
+    """One long prompt decoding while short requests join: held KV and wall time with the padding
+    cap (``max_padding``) at its default and off, and the short rows alone. Rows: [workload, peak
+    rows, peak KV MiB, wall s]."""
+    from markov_rsa.backends.transformers import TransformersBackend
+
+    long = GenerationRequest(({"role": "user", "content": "Summarise. " + "The tide came in over the flats. " * 75},),
+                             48, SamplingParams(temperature=0))
+    short = [GenerationRequest(_story(i), 24, SamplingParams(temperature=0)) for i in range(12)]
+    rows = []
+    for cap in (0.5, 1.0, None):
+        backend = TransformersBackend(model_dir, device="cpu", max_batch_size=N, max_padding=cap or 1.0)
+
+        async def run(backend: Any = backend, cap: float | None = cap) -> float:
+            start = time.perf_counter()
+            first = None if cap is None else asyncio.create_task(backend.generate(long))
+            while first is not None and backend.stats.steps == 0:
+                await asyncio.sleep(0.001)
+            await asyncio.gather(*(backend.generate(r) for r in short))
+            if first is not None:
+                await first
+            return time.perf_counter() - start
+
+        wall = asyncio.run(run())
+        stats = backend.stats
+        backend.close()
+        label = "short rows alone" if cap is None else f"long + short, max_padding={cap}"
+        rows.append([label, stats.peak_rows, round(stats.peak_cache_bytes / 2**20, 1), round(wall, 1)])
+    return rows
 
 
 def _eval_rates(backend: Any, datasets: Path) -> tuple[float, float]:
@@ -127,4 +163,9 @@ def markdown(result: dict[str, Any]) -> list[str]:
         "gain is bounded here because the four problems' prompts differ in length (about 100 to 900 tokens), "
         "every row of a padded batch attends over the longest one's width, and on a CPU that per-step cost "
         "grows with rows × width.",
+        *([f"A {result['padding_prompt']}-token prompt decoding while 12 short requests join (SmolLM2, greedy): "
+           "the cap on the running cache's padding share (`max_padding`, default 0.5) against no cap, and the "
+           "short rows alone. Peak KV counts running and staged rows and the copy a join makes.",
+           md_table(["workload", "peak rows", "peak KV MiB", "wall s"], result["padding"])]
+          if "padding" in result else []),
     ]

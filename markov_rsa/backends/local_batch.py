@@ -22,8 +22,8 @@ keys/values; linear-attention layers (ZAYA's CCA conv and recurrent value state)
 with no sequence axis. Caches of other layouts (sliding windows, static or quantised caches) still
 drop rows, but only admit new rows when the batch is empty: correct, less busy.
 
-Every row keeps its own position ids and its own seeded sampler, so its tokens do not depend on
-when it joined or which rows it shared steps with.
+Every row keeps its own position ids and its own seeded sampler; only the rounding of the batched
+matmuls depends on the batch's shape (see the backend's docstring for what is deterministic).
 """
 
 from __future__ import annotations
@@ -49,6 +49,12 @@ class Row:
     cached: int = 0
     pending: int = 0
 
+    @property
+    def context(self) -> list[int]:
+        """Every token of the row so far: its prompt, then what it generated (the last one pending).
+        A row re-prefilled after a failed step resumes from here."""
+        return self.prompt + self.generated
+
 
 @dataclass(frozen=True)
 class Admission:
@@ -62,8 +68,14 @@ class Admission:
 class RunningBatch:
     """The rows running on one model and their shared cache. Used from one thread only."""
 
-    def __init__(self, model: Any, torch: Any, device: str, pad: int, prefix_sharing: bool) -> None:
+    def __init__(self, model: Any, torch: Any, device: str, pad: int, prefix_sharing: bool,
+                 max_padding: float = 0.5) -> None:
         self.model = model
+        #: Largest share of the running cache's cells that may be padding after a join (a long row
+        #: beside short ones pads every short row to its width); rows that would pass it wait.
+        self.max_padding = max_padding
+        #: Most cache bytes held at once: running and staged rows, and the copies a join makes.
+        self.peak_bytes = 0
         self.torch = torch
         self.device = device
         self.pad = pad
@@ -79,6 +91,10 @@ class RunningBatch:
         self._staged_cache: Any = None
         self._staged_mask: Any = None
         self._params: dict[str, Any] | None = None
+        #: The keyword the model's forward takes its cache under (``cache`` from transformers 5.24;
+        #: ``past_key_values`` in remote-code models written for earlier releases): a keyword a model
+        #: does not know lands in its ``**kwargs`` and is ignored, which would run every step without context.
+        self.cache_keyword = cache_keyword(model)
 
     # -- admission ----------------------------------------------------------------------------
     def can_stage(self) -> bool:
@@ -96,7 +112,8 @@ class RunningBatch:
         unique: dict[tuple[int, ...], int] = {}
         owners = []
         for n, row in enumerate(rows):
-            key = tuple(row.prompt[:-1]) if self.prefix_sharing else (n, *row.prompt[:-1])
+            context = row.context
+            key = tuple(context[:-1]) if self.prefix_sharing else (n, *context[:-1])
             owners.append(unique.setdefault(key, len(unique)))
         prefixes = [list(key if self.prefix_sharing else key[1:]) for key in unique]
         if self.can_join is None:  # a guess from the config until a prefill shows the real cache
@@ -119,15 +136,15 @@ class RunningBatch:
             cache.reorder_cache(index)
             mask = mask.index_select(0, index)
         for row in rows:
-            row.cached = len(row.prompt) - 1
-            row.pending = row.prompt[-1]
+            row.cached = len(row.context) - 1
+            row.pending = row.context[-1]
         if not self.staged:
             self._staged_cache, self._staged_mask = cache, mask
         else:
             self._staged_mask = _concat(torch, self._staged_cache, self._staged_mask, cache, mask)
         self.staged.extend(rows)
         computed = sum(len(p) for p in prefixes) + len(rows)
-        return Admission(len(rows), computed, sum(len(r.prompt) for r in rows) - computed)
+        return Admission(len(rows), computed, sum(len(r.context) for r in rows) - computed)
 
     def join(self, free: int) -> list[Row]:
         """Move up to ``free`` staged rows (oldest first) into the running batch; staged rows
@@ -136,12 +153,16 @@ class RunningBatch:
             return []
         torch = self.torch
         alive = [n for n, row in enumerate(self.staged) if not row.owner.cancelled]
-        take, rest = alive[:free], alive[free:]
+        take = self._fitting(alive, free)
+        rest = [n for n in alive if n not in take]
         if take:
             index = torch.tensor(take, dtype=torch.long, device=self.device)
             everything = len(take) == len(self.staged)
             if self.rows:
+                before = self._bytes(self.cache) + self._bytes(self._staged_cache)
                 self.mask = _concat(torch, self.cache, self.mask, self._staged_cache, self._staged_mask, index)
+                # the old running tensors and the merged ones existed together for a moment
+                self.peak_bytes = max(self.peak_bytes, before + self._bytes(self.cache))
             elif rest:  # the rest stay staged: the running batch gets a copy of its rows
                 self.cache = _select(self._staged_cache, index)
                 self.mask = _trim(torch, self.cache, self._staged_mask.index_select(0, index), True)
@@ -162,6 +183,23 @@ class RunningBatch:
             self.staged = [self.staged[n] for n in rest]
         return joined
 
+    def _fitting(self, alive: list[int], free: int) -> list[int]:
+        """The staged rows (oldest first, at most ``free``) that may join without the running cache
+        passing ``max_padding``. The first row that does not fit stops the rest, so a wide row is
+        not overtaken forever: the batch drains until it fits (an empty batch takes any row)."""
+        take: list[int] = []
+        rows = len(self.rows)
+        width = int(self.mask.shape[1]) if self.rows and self.mask is not None else 0
+        real = sum(row.cached for row in self.rows)
+        for n in alive[:free]:
+            cached = self.staged[n].cached
+            wider = max(width, cached)
+            if rows and wider * (rows + 1) and 1 - (real + cached) / (wider * (rows + 1)) > self.max_padding:
+                break
+            take.append(n)
+            rows, width, real = rows + 1, wider, real + cached
+        return take
+
     def discard_staged(self) -> list[Row]:
         """Forget every staged row (their requests are failed by the caller); returns them."""
         rows, self.staged, self._staged_cache, self._staged_mask = self.staged, [], None, None
@@ -181,7 +219,7 @@ class RunningBatch:
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1)
-        return getattr(out, "cache", None) or out.past_key_values, mask
+        return _returned_cache(out), mask
 
     # -- leaving ------------------------------------------------------------------------------
     def drop(self, leaving: set[int]) -> None:
@@ -205,9 +243,13 @@ class RunningBatch:
         ids = torch.tensor([[row.pending] for row in rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[row.cached] for row in rows], dtype=torch.long, device=self.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(rows), 1))], dim=1)
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, cache=self.cache,
-                         use_cache=True)
-        self.cache = getattr(out, "cache", None) or out.past_key_values
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                         **{self.cache_keyword: self.cache})
+        cache = _returned_cache(out)
+        if self.can_join and _kv_width(cache) not in (None, self.mask.shape[1]):
+            raise RuntimeError(f"the model ignored the cache passed as {self.cache_keyword}= (it returned "
+                               f"{_kv_width(cache)} columns, not {self.mask.shape[1]})")
+        self.cache = cache
         tokens = self._sample(out.logits[:, -1, :]).tolist()
         del out
         for row, token in zip(rows, tokens, strict=True):
@@ -226,10 +268,17 @@ class RunningBatch:
         return int(self.mask.shape[0])
 
     def cache_bytes(self) -> int:
-        if self.cache is None:
+        """Bytes of cache held now: the running rows' and the staged rows' (prefilled, waiting)."""
+        held = self._bytes(self.cache) + self._bytes(self._staged_cache)
+        self.peak_bytes = max(self.peak_bytes, held)
+        return held
+
+    @staticmethod
+    def _bytes(cache: Any) -> int:
+        if cache is None:
             return 0
         total = 0
-        for layer in self.cache.layers:
+        for layer in cache.layers:
             for name in ("keys", "values"):
                 tensor = getattr(layer, name, None)
                 if tensor is not None:
@@ -367,6 +416,31 @@ def _select(cache: Any, index: Any) -> Any:
                 setattr(clone, states, {i: None if t is None else t.index_select(0, index) for i, t in held.items()})
         chosen.layers.append(clone)
     return chosen
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword ``model.forward`` takes its KV cache under, read from its signature."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise TypeError(f"{type(model).__name__}.forward takes neither cache= nor past_key_values=")
+
+
+def _returned_cache(out: Any) -> Any:
+    """The cache a forward returned (``out.cache``, or ``out.past_key_values`` in remote-code models)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _kv_width(cache: Any) -> int | None:
+    """Columns held by the cache's first attention layer (None where no layer holds keys)."""
+    for layer in cache.layers:
+        if _holds_kv(layer):
+            return int(layer.keys.shape[-2])
+    return None
 
 
 def _holds_kv(layer: Any) -> bool:

@@ -5,8 +5,9 @@ decode steps, finished or cancelled rows leave it and waiting requests are prefi
 up to ``max_batch_size`` rows. A ragged round therefore never computes padding for rows that
 ended, and the next round of another problem (or a second ``rsa serve`` request) starts as soon
 as there is room rather than when the whole batch has drained. Sampling is done per row with the
-row's own seeded generator and stops are checked per row, so a request's tokens do not depend on
-when it joined or which rows it shared steps with.
+row's own seeded generator and stops are checked per row. Logits still differ at rounding level
+with the batch's shape, so what is guaranteed is: greedy tokens on CPU equal the request run alone,
+and a seeded sampled request is reproducible for the same arrival pattern.
 
 Identical prompts that join together are prefilled once and their cache expanded to every row
 with ``Cache.reorder_cache``, which is correct for recurrent/convolutional layers (ZAYA's CCA) as
@@ -19,7 +20,10 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import math
 import queue
+import re
+import secrets
 import threading
 import time
 from collections.abc import Sequence
@@ -28,18 +32,38 @@ from pathlib import Path
 from typing import Any
 
 from markov_rsa.backends.base import BackendInfo, Generation, GenerationRequest
-from markov_rsa.backends.local_batch import Row, RunningBatch
+from markov_rsa.backends.local_batch import Admission, Row, RunningBatch
 from markov_rsa.errors import BackendRequestError, BackendUnavailableError, MissingDependencyError
 
 _INSTALL_HINT = "install the local backend with: pip install 'markov-rsa[local]'"
+#: The lowest transformers the local backend runs on, as pyproject's ``local`` extra says: earlier
+#: 5.x releases take the cache under another keyword and hold linear-attention state in another
+#: layout, which would run every step without its context rather than fail.
+TRANSFORMERS_FLOOR = (5, 24)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"5.24.0.dev0"`` -> ``(5, 24, 0)``: the leading numeric release."""
+    match = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(p) for p in match.group(0).split(".")) if match else ()
+
+
+def check_transformers(version: str) -> None:
+    """Refuse a transformers older than the floor, with the command that fixes it."""
+    if _release(version) < TRANSFORMERS_FLOOR:
+        floor = ".".join(map(str, TRANSFORMERS_FLOOR))
+        raise MissingDependencyError(
+            f"transformers: the local backend needs {floor} or later, found {version}; "
+            f"pip install 'transformers>={floor}'")
 
 
 def _import_torch() -> Any:
     try:
         import torch
-        import transformers  # noqa: F401
+        import transformers
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise MissingDependencyError(f"the local backend needs torch and transformers; {_INSTALL_HINT}") from exc
+    check_transformers(transformers.__version__)
     return torch
 
 
@@ -76,8 +100,10 @@ class BatchStats:
     rows joined a batch already running. ``row_steps`` counts rows fed to decode steps and
     ``kept_tokens`` the tokens of the completions returned (an end-of-text token, text past a stop
     string and cancelled rows are not kept), so ``kept_tokens / row_steps`` is the share of decode
-    work that was not wasted. ``cache_rows``/``cache_bytes`` are read from the cache tensors after
-    the latest step, and ``peak_rows``/``peak_cache_bytes`` are their maxima over the steps run:
+    work that was not wasted. ``cache_rows`` (running rows) and ``cache_bytes`` (running and staged
+    rows' cache) are read from the cache tensors after the latest step; ``peak_rows`` is the most
+    running rows and ``peak_cache_bytes`` the most cache bytes held at once, the copy a join makes
+    while it merges included:
     the batch never holds more than ``max_batch_size`` rows.
     The worker updates its own instance; ``TransformersBackend.stats`` hands out copies.
     """
@@ -94,6 +120,66 @@ class BatchStats:
     cache_bytes: int = 0
     peak_rows: int = 0
     peak_cache_bytes: int = 0
+
+
+#: Most stop strings one request may carry (each is searched for after every step).
+MAX_STOPS = 16
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_request(request: GenerationRequest, vocab: int) -> None:
+    """Refuse a request the worker could not run correctly, naming the field and the fix.
+
+    Run on the caller's side before the request joins a batch, so a bad request fails alone.
+    """
+    if not _integer(request.max_tokens) or request.max_tokens < 0:
+        raise BackendRequestError(f"max_tokens: must be a whole number >= 0, got {request.max_tokens!r}", 400)
+    sampling = request.sampling
+    if not _real(sampling.temperature) or sampling.temperature < 0:
+        raise BackendRequestError(f"temperature: must be a finite number >= 0 (0 = greedy), got "
+                                  f"{sampling.temperature!r}", 400)
+    if not _real(sampling.top_p) or not 0 < sampling.top_p <= 1:
+        raise BackendRequestError(f"top_p: must be in (0, 1], got {sampling.top_p!r}", 400)
+    if sampling.top_k is not None and (not _integer(sampling.top_k) or sampling.top_k < 0):
+        raise BackendRequestError(f"top_k: must be a whole number >= 1, or None for off, got {sampling.top_k!r}",
+                                  400)
+    if sampling.seed is not None and not _integer(sampling.seed):
+        raise BackendRequestError(f"seed: must be a whole number or None, got {sampling.seed!r}", 400)
+    stop = sampling.stop
+    if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop):
+        raise BackendRequestError(f"stop: must be a tuple of non-empty strings, got {stop!r}", 400)
+    if len(stop) > MAX_STOPS:
+        raise BackendRequestError(f"stop: at most {MAX_STOPS} stop strings, got {len(stop)}", 400)
+    prefix = request.assistant_prefix_ids
+    if prefix is not None and not all(_integer(t) and 0 <= t < vocab for t in prefix):
+        raise BackendRequestError(f"assistant_prefix_ids: every id must be a whole number in [0, {vocab}) "
+                                  "(the model's vocabulary)", 400)
+
+
+@dataclass
+class _Recovery:
+    """After a failed decode step: which row caused it, found without failing the others.
+
+    The failed step's cache cannot be trusted (some layers may have been updated), so every row it
+    held becomes a *suspect*: re-prefilled alone from its prompt and the tokens it has, and let back
+    into the batch one per step (*on probation* until a step with it succeeds). A step that fails
+    with a row on probation fails that row only; a step of one row fails that row. Each failure
+    thus fails one request, and the others go on with the tokens they had.
+    """
+
+    suspects: collections.deque[Row] = field(default_factory=collections.deque)
+    probation: Row | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.suspects) or self.probation is not None
 
 
 def _fail_rows(rows: Sequence[Row], error: Exception) -> None:
@@ -116,11 +202,14 @@ class TransformersBackend:
         max_batch_size: int = 16,
         prefix_sharing: bool = True,
         batch_window: float = 0.005,
+        max_padding: float = 0.5,
         trust_remote_code: bool = False,
         model_object: Any = None,
         tokenizer_object: Any = None,
         name: str | None = None,
     ) -> None:
+        if not 0 <= max_padding <= 1:
+            raise BackendRequestError(f"max_padding: must be in [0, 1] (share of the cache), got {max_padding}")
         if max_batch_size < 1:
             raise BackendRequestError(f"max_batch_size: must be at least 1, got {max_batch_size}")
         torch = _import_torch()
@@ -146,9 +235,15 @@ class TransformersBackend:
             tokenizer="exact",
             extra={"dtype": str(self.model.dtype).replace("torch.", ""), "model_type": self.model.config.model_type},
         )
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        self._vocab = int(getattr(embeddings, "num_embeddings", 0) or self.model.config.vocab_size)
+        #: Positions the model was built for (None where the config does not say): prompt plus
+        #: max_tokens must fit, or positions past it would run silently wrong (or fail the batch).
+        self._context: int | None = getattr(self.model.config, "max_position_embeddings", None)
         self.max_batch_size = max_batch_size
         self.prefix_sharing = prefix_sharing
         self.batch_window = batch_window
+        self.max_padding = max_padding
         self._tok_lock = threading.Lock()
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._stats = BatchStats()
@@ -212,6 +307,7 @@ class TransformersBackend:
                                       "OpenAI-compatible backend (--base-url) for agent requests", 400)
         if self._closed:
             raise BackendUnavailableError("the local backend was closed")
+        validate_request(request, self._vocab)
         future: concurrent.futures.Future[Generation] = concurrent.futures.Future()
         item = _Item(request, future)
         self._queue.put(item)
@@ -231,7 +327,9 @@ class TransformersBackend:
             return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))
 
     async def aclose(self) -> None:
-        self.close()
+        """close() on a thread: waiting for the worker to finish its step (a long prefill may take
+        seconds) never blocks the event loop."""
+        await asyncio.to_thread(self.close)
 
     def close(self) -> None:
         """Stop running rows at their next step, fail queued requests, and wait for the worker."""
@@ -244,27 +342,39 @@ class TransformersBackend:
 
     # -- the worker ---------------------------------------------------------------------------
     def _work(self) -> None:
-        batch = RunningBatch(self.model, self._torch, self._device, self._pad, self.prefix_sharing)
+        batch = RunningBatch(self.model, self._torch, self._device, self._pad, self.prefix_sharing,
+                             self.max_padding)
         waiting: collections.deque[_Item] = collections.deque()
+        recovery = _Recovery()
         while True:
-            idle = not (batch.rows or batch.staged)
+            idle = not (batch.rows or batch.staged or recovery.suspects)
             closing = self._collect(waiting, block=idle, window=idle or len(batch.rows) < self.max_batch_size)
             if closing or self._stopping.is_set():
+                _fail_rows(recovery.suspects, BackendUnavailableError("the local backend was closed"))
                 self._fail(batch, waiting)
                 return
             try:
                 with self._torch.inference_mode():
-                    self._admit(batch, waiting)
+                    if recovery.active:
+                        self._readmit(batch, recovery)
+                    else:
+                        self._admit(batch, waiting)
                     if batch.rows:
-                        batch.step()
-                        self._stats.steps += 1
-                        self._stats.row_steps += len(batch.rows)
-                        self._finish_rows(batch)
-            except Exception as exc:  # one failed step fails its rows, never the worker
+                        try:
+                            batch.step()
+                        except Exception as exc:
+                            self._step_failed(batch, recovery, exc)
+                        else:
+                            recovery.probation = None
+                            self._stats.steps += 1
+                            self._stats.row_steps += len(batch.rows)
+                            self._finish_rows(batch)
+            except Exception as exc:  # anything else fails the running rows, never the worker
                 _fail_rows(batch.rows, BackendUnavailableError(f"local generation failed: {exc}"))
                 batch.drop(set(range(len(batch.rows))))
             if not batch.rows:
-                self._stats.cache_rows = self._stats.cache_bytes = 0
+                self._stats.cache_rows, self._stats.cache_bytes = 0, batch.cache_bytes()
+            self._stats.peak_cache_bytes = max(self._stats.peak_cache_bytes, batch.peak_bytes)
 
     def _collect(self, waiting: collections.deque[_Item], *, block: bool, window: bool) -> bool:
         """Move queued requests to ``waiting``; True once close() was called.
@@ -290,6 +400,38 @@ class TransformersBackend:
             if window_end is None and window:
                 window_end = time.perf_counter() + self.batch_window
 
+    def _step_failed(self, batch: RunningBatch, recovery: _Recovery, error: Exception) -> None:
+        """A decode step raised: fail the row that caused it, re-admit the others one by one."""
+        rows = list(batch.rows)
+        batch.drop(set(range(len(rows))))
+        culprit = recovery.probation if recovery.probation in rows else (rows[0] if len(rows) == 1 else None)
+        recovery.probation = None
+        if culprit is not None:
+            _fail_rows([culprit], BackendUnavailableError(f"local generation failed: {error}"))
+        recovery.suspects.extend(row for row in (*rows, *batch.discard_staged()) if row is not culprit)
+
+    def _readmit(self, batch: RunningBatch, recovery: _Recovery) -> None:
+        """Let the next suspect back in: re-prefilled alone, on probation for its first step."""
+        if recovery.probation is not None:
+            return
+        while recovery.suspects:
+            row = recovery.suspects.popleft()
+            if row.owner.cancelled:
+                self._resolve(row, 0.0)
+                continue
+            cap, batch.max_padding = batch.max_padding, 1.0  # a suspect rejoins now, whatever its width
+            try:
+                self._count(batch.stage([row]))
+                batch.join(1)
+            except Exception as exc:
+                batch.discard_staged()
+                _fail_rows([row], BackendUnavailableError(f"local generation failed: {exc}"))
+                continue
+            finally:
+                batch.max_padding = cap
+            recovery.probation = row
+            return
+
     def _admit(self, batch: RunningBatch, waiting: collections.deque[_Item]) -> None:
         """Fill free slots: prefill waiting requests (ahead of need, so several share a forward
         pass) and join staged rows to the running batch."""
@@ -313,16 +455,32 @@ class TransformersBackend:
             if not item.future.set_running_or_notify_cancel():
                 continue  # cancelled while it waited: it never runs
             try:
-                rows.append(self._row(item))
+                row = self._row(item)
+            except BackendRequestError as exc:
+                item.future.set_exception(exc)
+                continue
             except Exception as exc:  # a prompt the tokenizer rejects fails that request only
-                item.future.set_exception(BackendRequestError(f"messages: {exc}"))
+                item.future.set_exception(BackendRequestError(f"messages: {exc}", 400))
+                continue
+            if item.request.max_tokens == 0:  # nothing to generate: no step is computed for it
+                self._resolve(row, 0.0)
+                continue
+            rows.append(row)
         if not rows:
             return
         try:
-            staged = batch.stage(rows)
+            self._count(batch.stage(rows))
         except Exception as exc:
-            _fail_rows(rows, BackendUnavailableError(f"local generation failed: {exc}"))
-            return
+            if len(rows) == 1:
+                _fail_rows(rows, BackendUnavailableError(f"local generation failed: {exc}"))
+                return
+            for row in rows:  # prefill them one by one: the request that fails, fails alone
+                try:
+                    self._count(batch.stage([row]))
+                except Exception as alone:
+                    _fail_rows([row], BackendUnavailableError(f"local generation failed: {alone}"))
+
+    def _count(self, staged: Admission) -> None:
         self._stats.batches += 1
         self._stats.rows += staged.rows
         self._stats.prefill_tokens += staged.computed
@@ -330,10 +488,20 @@ class TransformersBackend:
 
     def _row(self, item: _Item) -> Row:
         sampling = item.request.sampling
+        prompt = self._prompt_ids(item.request)
+        if not prompt:
+            raise BackendRequestError("messages: the prompt renders to no tokens", 400)
+        if not all(0 <= t < self._vocab for t in prompt):
+            raise BackendRequestError(f"messages: the tokenizer gives ids outside the model's vocabulary "
+                                      f"({self._vocab}); use the model's own tokenizer", 400)
+        if self._context is not None and len(prompt) + item.request.max_tokens > self._context:
+            raise BackendRequestError(
+                f"max_tokens: the prompt's {len(prompt)} tokens plus max_tokens={item.request.max_tokens} exceed "
+                f"the model's {self._context} positions; lower max_tokens or shorten the prompt", 400)
         generator = self._torch.Generator()
-        generator.manual_seed(sampling.seed if sampling.seed is not None else self._torch.seed())
-        return Row(item, self._prompt_ids(item.request), sampling.temperature, sampling.top_p, sampling.top_k,
-                   generator)
+        # An unseeded request draws its seed from the OS, never from (or into) torch's global RNG.
+        generator.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
+        return Row(item, prompt, sampling.temperature, sampling.top_p, sampling.top_k, generator)
 
     def _finish_rows(self, batch: RunningBatch) -> None:
         """Drop finished rows, update the counters, then resolve their futures (in that order, so
@@ -342,17 +510,30 @@ class TransformersBackend:
         held_rows, held_bytes = batch.cache_rows(), batch.cache_bytes()  # what this step ran with
         if finished:
             batch.drop({n for n, _ in finished})
-        now = time.perf_counter()
-        results = [(row, self._generation(row, now - row.owner.enqueued, self._opens_think(row.prompt)))
-                   for _, row in finished if not row.owner.cancelled]
-        self._stats.kept_tokens += sum(generation.completion_tokens for _, generation in results)
         self._stats.cache_rows, self._stats.cache_bytes = (
             (batch.cache_rows(), batch.cache_bytes()) if finished else (held_rows, held_bytes))
         self._stats.peak_rows = max(self._stats.peak_rows, held_rows)
         self._stats.peak_cache_bytes = max(self._stats.peak_cache_bytes, held_bytes)
-        for row, generation in results:
-            if not row.owner.future.done():
-                row.owner.future.set_result(generation)
+        now = time.perf_counter()
+        for _, row in finished:
+            self._resolve(row, now - row.owner.enqueued)
+
+    def _resolve(self, row: Row, latency: float) -> None:
+        """Settle one finished row's future: its generation, or the error building it raised
+        (which fails that request alone). An abandoned row's future is settled too."""
+        future = row.owner.future
+        if future.done():
+            return
+        if row.owner.cancelled:
+            future.set_exception(BackendUnavailableError("the request was cancelled"))
+            return
+        try:
+            generation = self._generation(row, latency, self._opens_think(row.prompt))
+        except Exception as exc:
+            future.set_exception(BackendUnavailableError(f"local generation failed building the result: {exc}"))
+            return
+        self._stats.kept_tokens += generation.completion_tokens
+        future.set_result(generation)
 
     def _done(self, row: Row) -> bool:
         """Whether a row is finished: end of text, its token limit, a stop string, or cancelled."""
@@ -360,8 +541,11 @@ class TransformersBackend:
         if row.owner.cancelled or len(row.generated) >= request.max_tokens or row.generated[-1] in self._eos_set:
             return True
         if request.sampling.stop:
-            with self._tok_lock:
-                text = self.tokenizer.decode(row.generated[-64:], skip_special_tokens=False)
+            try:
+                with self._tok_lock:
+                    text = self.tokenizer.decode(row.generated[-64:], skip_special_tokens=False)
+            except Exception:  # the row ends here; building its result reports the error for it alone
+                return True
             return any(stop in text for stop in request.sampling.stop)
         return False
 
