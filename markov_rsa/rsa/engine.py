@@ -26,7 +26,7 @@ import numpy as np
 
 from markov_rsa.backends.base import NORMAL_FINISH, Backend, Message, SamplingParams
 from markov_rsa.errors import BackendError, BackendRequestError, BackendUnavailableError
-from markov_rsa.rsa.answers import majority, tool_calls_key
+from markov_rsa.rsa.answers import tool_calls_key
 from markov_rsa.rsa.config import RSAConfig
 from markov_rsa.rsa.events import (
     CandidateFinished,
@@ -41,6 +41,7 @@ from markov_rsa.rsa.result import Candidate, RoundKind, RoundRecord, RSAResult, 
 from markov_rsa.rsa.rollout import rollout
 from markov_rsa.rsa.tails import carried_text, last_tokens, split_reasoning
 from markov_rsa.rsa.tasks import Task, task_for
+from markov_rsa.rsa.votes import Vote
 
 logger = logging.getLogger(__name__)
 
@@ -239,13 +240,13 @@ class MarkovianRSA:
             record.seconds = time.perf_counter() - started
         ok = [c for c in record.candidates if c.ok]
         answers = tuple(c.answer for c in record.candidates)
-        winner, votes = majority([c.answer for c in ok])
+        tally = await asyncio.to_thread(self.task.vote, [c.answer for c in ok])
         yield RoundFinished(
             round=t,
             round_kind=kind,
             answers=answers,
-            majority=ok[winner].answer if winner is not None else None,
-            agreement=votes / len(record.candidates) if record.candidates else 0.0,
+            majority=tally.answer,
+            agreement=tally.votes / len(record.candidates) if record.candidates else 0.0,
             usage=record.usage,
             seconds=record.seconds,
             failed=len(record.candidates) - len(ok),
@@ -384,9 +385,14 @@ class MarkovianRSA:
         pool, selection = self._choose(run)
         chosen: Candidate | None = None
         votes = 0
+        tally = Vote()
         if pool and selection != "population":
             position, votes = await self.task.select(pool)
             chosen = pool[position] if position is not None else pool[0]
+            tally = await asyncio.to_thread(self.task.vote, [c.answer for c in pool])  # pairs are cached
+            if tally.undecided:
+                logger.warning("the vote left %d answer pairs to canonical keys (%s could not decide them)",
+                               tally.undecided, tally.equivalence)
         info = self.backend.info
         sampling = {"rollout": self._stated(self._sampling(run, 0, 0, "initial", 0, 0))}
         if cfg.final == "aggregate":
@@ -413,6 +419,8 @@ class MarkovianRSA:
             tails_approximate=not exact or any(c.tail_approximate for r in run.rounds for c in r.candidates),
             selection=selection,
             sampling=sampling,
+            equivalence=tally.equivalence,
+            vote_undecided=tally.undecided,
         )
 
     @staticmethod

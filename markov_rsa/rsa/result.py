@@ -131,6 +131,10 @@ class RSAResult:
     selection: Selection = "majority"
     #: The sampling every request stated, per kind of stage (``top_k: null`` was sent as disabled).
     sampling: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The equivalence the final vote clustered answers with (``math-verify`` or ``canonical``), and
+    #: how many answer pairs it could not decide (deadline, math-verify missing), left to the keys.
+    equivalence: str = "canonical"
+    vote_undecided: int = 0
 
     @property
     def population(self) -> list[Candidate]:
