@@ -13,38 +13,71 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
 
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_BOXED = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])\s*")
+_UNBRACED = re.compile(r"[^\s${}]+")
+#: A code fence, with the indentation of its opening line (a fence inside a list item is indented).
+_FENCE = re.compile(r"^([ \t]*)```[ \t]*([\w+.-]*)[^\n]*\n(.*?)```", re.DOTALL | re.MULTILINE)
+#: A number and the sentence's full stop (``\boxed{113.}``): the number is the answer.
+_NUMBER_PUNCT = re.compile(r"([+-]?\d[\d,]*(?:\.\d+)?)[.;:!]")
+#: What a reply that echoes the instruction ("put the answer in \boxed{}") puts in its box.
+_PLACEHOLDERS = frozenset({"", "...", "\\ldots", "\\cdots", "\\dots", "?", "answer", "ans", "your answer",
+                           "final answer", "the answer", "your final answer", "the final answer"})
+
+
+def _boxes(text: str) -> list[str]:
+    """Every box's content in order: ``\\boxed{...}`` (braces balanced) and ``\\boxed 5``."""
+    found: list[str] = []
+    for match in _BOXED.finditer(text):
+        start = match.end()
+        if start < len(text) and text[start] == "{":
+            depth = 1
+            for pos in range(start + 1, len(text)):
+                ch = text[pos]
+                if ch == "{":
+                    depth += 1
+                elif ch == "}":
+                    depth -= 1
+                    if depth == 0:
+                        found.append(text[start + 1:pos].strip())
+                        break
+        elif match.group().endswith((" ", "\t")) or text[start:start + 1].isdigit():
+            token = _UNBRACED.match(text, start)
+            if token:
+                found.append(token.group())
+    return found
+
+
+def _placeholder(content: str) -> bool:
+    inner = re.sub(r"\\(?:text|mathrm|textbf|mathbf|textit)\{([^{}]*)\}", r"\1", content)
+    return inner.strip().strip("$").strip().lower() in _PLACEHOLDERS
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (braces balanced), or None."""
-    last: str | None = None
-    for match in _BOXED.finditer(text):
-        depth, start = 1, match.end()
-        for pos in range(start, len(text)):
-            ch = text[pos]
-            if ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    last = text[start:pos].strip()
-                    break
-    return last
+    """The answer of the last box that holds one, or None.
+
+    Empty and placeholder boxes (a reply echoing "in ``\\boxed{}``") are skipped, ``\\boxed 5`` is
+    read as 5, and a number followed by sentence punctuation (``\\boxed{113.}``) is that number."""
+    for content in reversed(_boxes(text)):
+        if _placeholder(content):
+            continue
+        number = _NUMBER_PUNCT.fullmatch(content)
+        return number.group(1) if number else content
+    return None
 
 
 def extract_code(text: str) -> str | None:
-    """The last fenced code block, preferring Python-tagged ones when a reply mixes languages."""
-    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(text)]
+    """The last fenced code block, preferring Python-tagged ones when a reply mixes languages; a
+    fence inside a list item loses the item's indentation."""
+    blocks = [(lang.lower(), textwrap.dedent(body)) for _, lang, body in _FENCE.findall(text)]
     if not blocks:
         return None
     python = [body for lang, body in blocks if lang in ("python", "py", "python3")]
-    return (python or [body for _, body in blocks])[-1].strip("\n") or None
+    return (python or [body for _, body in blocks])[-1].strip("\n").rstrip() or None
 
 
 #: Spacing commands and math delimiters; ``\left``/``\right`` only as sizing (``\leftarrow`` stays).
