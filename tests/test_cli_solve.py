@@ -50,6 +50,12 @@ def test_solve_reads_stdin_and_quiet_prints_only_the_answer(demo_dir):
     [
         (["--k", "5", "--population", "2"], "k: aggregation set size (5) must not exceed population (2)"),
         (["--tail", "500", "--budget", "100"], "tail: tail (500) must not exceed"),
+        (["--final-n", "3"], "final_n: --final-n only applies to a final aggregation; add --final aggregate"),
+        (["--final-temperature", "0.6"], "--final-temperature only applies to a final aggregation"),
+        (["--chunk-size", "500", "--budget", "100"], "chunk_size: --chunk-size (500) exceeds --budget (100)"),
+        (["--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--timeout", "0"],
+         "--timeout: must be a positive number of seconds, got 0"),
+        (["--timeout", "-5"], "--timeout: must be a positive number of seconds, got -5"),
         (["--preset", "bogus"], "preset: unknown preset 'bogus'"),
         (["--final", "best"], "--final: 'best' is not one of 'majority', 'aggregate', 'population'"),
         (["--base-url", "http://127.0.0.1:9/v1"], "model: name the served model with --model"),

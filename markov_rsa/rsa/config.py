@@ -23,6 +23,11 @@ TaskName = Literal["math", "code", "generic"]
 #: tokens, later ones C − m, since m carried tokens already fill the rest).
 ChunkMode = Literal["new", "context"]
 
+#: ``final_budget``'s default: resolved to the default preset's 40960, or to β when β was given.
+UNSET_FINAL_BUDGET = -1
+DEFAULT_BUDGET = 16384
+DEFAULT_FINAL_BUDGET = 40960
+
 TAIL_SOURCES: tuple[str, ...] = get_args(TailSource)
 FINAL_MODES: tuple[str, ...] = get_args(FinalMode)
 TASKS: tuple[str, ...] = get_args(TaskName)
@@ -41,15 +46,19 @@ class RSAConfig:
 
     ``final_budget`` is the max new tokens of the last stage (round T, or the final aggregation
     when ``final="aggregate"``); the ZAYA1-8B report gives it 40K whatever β is.
+
+    ``RSAConfig()`` is the ``zaya-16k`` preset, as the CLI's default with a real model: left unset,
+    ``final_budget`` is 40960 with the default β and β itself when β is given (a budget set by hand
+    is every stage's unless said otherwise, as ``--budget`` does).
     """
 
     population: int = 16
     k: int = 4
     rounds: int = 2
-    budget: int = 16384
+    budget: int = DEFAULT_BUDGET
     tail: int = 4096
-    #: Max new tokens of the last stage; ``None`` means ``budget``.
-    final_budget: int | None = None
+    #: Max new tokens of the last stage; ``None`` means ``budget`` (see the class docstring for the default).
+    final_budget: int | None = UNSET_FINAL_BUDGET
     # Fixed-length chunked rollouts (Delethink); ``chunk_size=None`` means one generation per rollout.
     chunk_size: int | None = None
     carryover: int | None = None
@@ -81,6 +90,8 @@ class RSAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.stop, (list, str)):  # from JSON, or a single sequence
             object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        if self.final_budget == UNSET_FINAL_BUDGET:
+            object.__setattr__(self, "final_budget", DEFAULT_FINAL_BUDGET if self.budget == DEFAULT_BUDGET else None)
         _validate(self)
 
     # -- construction -------------------------------------------------------------------------
@@ -90,9 +101,9 @@ class RSAConfig:
         if name not in PRESETS:
             raise ConfigError("preset", f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         given = {k: v for k, v in overrides.items() if v is not None}
-        values = {**PRESETS[name].values, **given}
+        values = {"final_budget": None, **PRESETS[name].values, **given}
         if "budget" in given and "final_budget" not in given:
-            values.pop("final_budget", None)  # a budget set by hand is every stage's unless said otherwise
+            values["final_budget"] = None  # a budget set by hand is every stage's unless said otherwise
         return cls.from_dict({**values, "preset": name})
 
     @classmethod
@@ -165,7 +176,7 @@ def _validate(cfg: RSAConfig) -> None:
         raise ConfigError("seed", f"must be a non-negative integer, got {cfg.seed!r}")
     if cfg.k > cfg.population and cfg.aggregates:
         raise ConfigError("k", f"aggregation set size ({cfg.k}) must not exceed population ({cfg.population})")
-    if cfg.tail > cfg.budget:
+    if cfg.tail > cfg.budget and cfg.aggregates:  # without aggregation no tail is carried
         raise ConfigError("tail", f"tail ({cfg.tail}) must not exceed the per-rollout budget ({cfg.budget})")
     for name in ("temperature", "final_temperature"):
         value = getattr(cfg, name)
@@ -202,8 +213,6 @@ def _validate(cfg: RSAConfig) -> None:
             "carryover",
             f"carryover ({carry}) + keep_head ({cfg.keep_head}) must be smaller than chunk_size ({cfg.chunk_size})",
         )
-    if cfg.chunk_size > cfg.budget:
-        raise ConfigError("chunk_size", f"chunk_size ({cfg.chunk_size}) must not exceed budget ({cfg.budget})")
 
 
 @dataclass(frozen=True)

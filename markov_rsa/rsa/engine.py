@@ -333,6 +333,7 @@ class MarkovianRSA:
             candidate.usage = spent
             candidate.chunks = out.chunks
             candidate.seconds = out.seconds
+            candidate.tail_approximate = out.approximate
             carried = carried_text(split, cfg.tail_source)
             gen = out.generation
             if candidate.tool_calls:
