@@ -108,3 +108,34 @@ def test_first_use_of_the_embedded_model_is_announced(tmp_path, demo_dir, monkey
     assert demo_model_cached()
     monkeypatch.setenv("MARKOV_RSA_CACHE", str(tmp_path))
     assert not demo_model_cached()
+
+
+def test_a_run_without_an_answer_says_why_and_fails():
+    from tests.servers import FaultServer, serve_app
+
+    server = FaultServer(reply=lambda body: "I keep thinking " * 20)  # never boxes an answer, cut at the budget
+    with serve_app(server.app()) as url:
+        base = ("solve", "2+2?", "--base-url", f"{url}/v1", "--model", "m", "--population", "3", "--rounds", "0",
+                "--budget", "50")
+        out = rsa(*base, "-q")
+        assert out.returncode == 3 and out.stdout == ""
+        assert out.stderr.strip() == ("no answer: every candidate of round 0 (3) came without one: "
+                                      "3 reached the budget of 50 tokens")
+        as_json = rsa(*base, "--json", "-q")
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["answer"] is None
+
+
+def test_the_time_limit_covers_a_server_that_never_answers():
+    import socket
+    import time
+
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        out = rsa("solve", "2+2?", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "m", "--population", "2",
+                  "--rounds", "0", "--budget", "50", "--time-limit", "3", "--timeout", "120", "-q")
+        elapsed = time.monotonic() - started
+    assert out.returncode == 3 and "time limit ran out before the backend was ready" in out.stderr, out.stderr
+    assert elapsed < 60, f"--time-limit 3 against a silent server took {elapsed:.0f}s"

@@ -148,7 +148,13 @@ class MarkovianRSA:
                    context=tuple(context), trailing=tuple(trailing), options=options)
         yield RunStarted(problem=problem, seed=run.seed, stages=cfg.rounds + 1)
         stop: StopReason = "complete"
-        await self.backend.ready()
+        remaining = run.remaining_time()
+        try:  # the run's time limit covers the backend's start-up probe too
+            await (self.backend.ready() if remaining is None else asyncio.wait_for(self.backend.ready(), remaining))
+        except TimeoutError:
+            logger.warning("the time limit (%gs) ran out before the backend was ready", cfg.time_limit)
+            yield RunFinished(await self._finish(run, "time_limit", False))
+            return
         exact = self.backend.info.tokenizer == "exact"
         try:
             previous: list[Candidate] = []
@@ -447,7 +453,18 @@ def solve(
     task: Task | None = None,
     **overrides: object,
 ) -> RSAResult:
-    """Blocking convenience wrapper for scripts: ``solve("...", backend=b, preset="light", seed=1)``."""
+    """Blocking convenience wrapper for scripts: ``solve("...", backend=b, preset="light", seed=1)``.
+
+    Inside a running event loop (a notebook, an async application) it cannot block; there, use
+    ``await MarkovianRSA(backend, config).solve(problem)``."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError("markov_rsa.solve() blocks, so it cannot run inside a running event loop (a notebook, "
+                           "an async application); there, use: result = await MarkovianRSA(backend, config)"
+                           ".solve(problem)")
     if config is None:
         config = RSAConfig.from_preset(preset, **overrides) if preset else RSAConfig(**overrides)  # type: ignore[arg-type]
     elif overrides:

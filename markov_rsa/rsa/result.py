@@ -142,6 +142,31 @@ class RSAResult:
         stages = [r for r in self.rounds if r.kind != "final"]
         return stages[-1].candidates if stages else []
 
+    def why_no_answer(self) -> str:
+        """One line saying why the run has no answer ("" when it has one): what the candidates that
+        voted did instead (reached the budget, finished without an answer, failed)."""
+        if self.answer is not None or self.selection == "population":
+            return ""
+        stages = [r for r in self.rounds if r.kind != "final"]
+        if self.selection == "last_complete_round":
+            stages = [r for r in stages if r.complete] or stages
+        if not stages and self.stop_reason == "time_limit":
+            return "no answer: the time limit ran out before the backend was ready (is the server answering?)"
+        if not stages:
+            return f"no answer: no stage ran ({self.stop_reason})"
+        stage = stages[-1]
+        failed = [c for c in stage.candidates if not c.ok]
+        cut = [c for c in stage.candidates if c.ok and c.finish_reason == "length"]
+        silent = [c for c in stage.candidates if c.ok and c.finish_reason != "length" and c.answer is None]
+        parts = [f"{len(cut)} reached the budget of {stage.budget} tokens" if cut else "",
+                 f"{len(silent)} finished without one" if silent else "",
+                 f"{len(failed)} failed ({failed[0].error})" if failed else ""]
+        label = "the final aggregations" if stage.kind == "final" else f"round {stage.index}"
+        every = "every candidate" if len(stage.candidates) != 1 else "the candidate"
+        why = "; ".join(p for p in parts if p) or "none answered"
+        stop = "" if self.stop_reason == "complete" else f"; the run stopped early ({self.stop_reason})"
+        return f"no answer: {every} of {label} ({len(stage.candidates)}) came without one: {why}{stop}"
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["config"] = self.config.to_dict()
