@@ -92,7 +92,8 @@ ChunkMode = Annotated[ChunkModeName | None, typer.Option(
     help="How C is read: new (each chunk generates C tokens) or context (Delethink: the first chunk generates C, "
          "later ones C − m).")]
 TailSource = Annotated[TailSourceName | None, typer.Option(
-    help="What is carried between rounds.")]
+    help="What is carried between rounds: reasoning, answer, hybrid (the answer once there is one) or full "
+         "(everything the candidate wrote, reasoning then answer).")]
 Final = Annotated[FinalModeName | None, typer.Option(help="Final selection.")]
 FinalTopP = Annotated[float | None, typer.Option(help="Nucleus threshold of the final aggregations.")]
 FinalTopK = Annotated[int | None, typer.Option(help="Top-k cut-off of the final aggregations.")]

@@ -15,7 +15,9 @@ from typing import Any, Literal, get_args
 
 from markov_rsa.errors import ConfigError
 
-TailSource = Literal["reasoning", "answer", "hybrid"]
+#: What a candidate carries: its ``reasoning``, its ``answer`` section, ``hybrid`` (the answer when it has one,
+#: else the reasoning) or ``full`` (everything it wrote, reasoning then answer, as full-chain RSA carries).
+TailSource = Literal["reasoning", "answer", "hybrid", "full"]
 FinalMode = Literal["majority", "aggregate", "population"]
 TaskName = Literal["math", "code", "generic"]
 #: How ``chunk_size`` (C) is read: ``new`` gives every chunk C new tokens; ``context`` treats C as a
@@ -249,15 +251,17 @@ PRESETS: Mapping[str, Preset] = _presets(
     ),
     Preset(
         "rsa-paper",
-        "original full-chain RSA (arXiv:2509.26626): N16 K4 T9, τ=β=8K",
-        {"population": 16, "k": 4, "rounds": 9, "budget": 8192, "tail": 8192},
+        "original full-chain RSA (arXiv:2509.26626): N16 K4 T9, τ=β=8K, whole replies carried",
+        {"population": 16, "k": 4, "rounds": 9, "budget": 8192, "tail": 8192, "tail_source": "full"},
     ),
     Preset(
         "delethink",
-        "one Delethink rollout (24K): C=8K context per chunk, m=4K carried, first 100 tokens kept, 5 chunks",
+        "one Delethink rollout (24K): C=8K context per chunk, m=4K carried, first 100 tokens kept, 5 chunks, "
+        "temperature 0.6 as Delethink's reference",
         {
             "population": 1, "k": 1, "rounds": 0, "budget": 24576, "tail": 4096,
             "chunk_size": 8192, "carryover": 4096, "max_chunks": 5, "keep_head": 100, "chunk_mode": "context",
+            "temperature": 0.6,
         },
     ),
     Preset(

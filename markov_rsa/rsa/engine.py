@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -39,7 +40,7 @@ from markov_rsa.rsa.events import (
 )
 from markov_rsa.rsa.result import Candidate, RoundKind, RoundRecord, RSAResult, Selection, StopReason, Usage
 from markov_rsa.rsa.rollout import rollout
-from markov_rsa.rsa.tails import carried_text, last_tokens, split_reasoning
+from markov_rsa.rsa.tails import carried_text, last_tokens, opens_think_by_template, split_reasoning
 from markov_rsa.rsa.tasks import Task, task_for
 from markov_rsa.rsa.votes import Vote
 
@@ -122,6 +123,10 @@ class MarkovianRSA:
         self.task = task or task_for(self.config.task, self.config.prompt_version)
         #: Seconds between two RoundProgress events of a stage (they come only when tokens moved).
         self.progress_interval = progress_interval
+        #: Seen a reply that closes a think block it never opened: the chat template opens it, so a
+        #: reply cut at the budget without ``</think>`` was cut inside its reasoning (the server may not
+        #: say so when it has no tokenize endpoint to render the template with).
+        self._template_opens_think = False
 
     async def solve(self, problem: str, **request: Any) -> RSAResult:
         """Run to the end; ``request`` takes :meth:`stream`'s keyword arguments."""
@@ -244,6 +249,10 @@ class MarkovianRSA:
             run.streamed = {}
             record.candidates.sort(key=lambda c: c.index)
             record.seconds = time.perf_counter() - started
+        if self._template_opens_think:  # candidates that finished before the evidence came in
+            for c in record.candidates:
+                if c.ok and c.finish_reason == "length" and c.finished and c.text == c.reasoning and not c.tool_calls:
+                    c.text, c.answer, c.finished = "", None, False
         ok = [c for c in record.candidates if c.ok]
         answers = tuple(c.answer for c in record.candidates)
         tally = await asyncio.to_thread(self.task.vote, [c.answer for c in ok])
@@ -326,7 +335,12 @@ class MarkovianRSA:
                 error = BackendUnavailableError(f"the server ended the generation with finish_reason {finish!r}")
                 logger.debug("round %d candidate %d attempt %d ended with %s", t, i, attempt, finish)
                 continue
-            split = split_reasoning(out.generation)
+            gen = out.generation
+            if gen.reasoning is None and not gen.think_opened and opens_think_by_template(gen.text):
+                self._template_opens_think = True  # this model's template opens <think>: the server did not say
+            if self._template_opens_think and gen.reasoning is None and not gen.think_opened:
+                gen = dataclasses.replace(gen, think_opened=True)
+            split = split_reasoning(gen)
             candidate.text = split.answer
             candidate.reasoning = split.reasoning
             candidate.finished = split.finished
@@ -341,7 +355,6 @@ class MarkovianRSA:
             candidate.seconds = out.seconds
             candidate.tail_approximate = out.approximate
             carried = carried_text(split, cfg.tail_source)
-            gen = out.generation
             if candidate.tool_calls:
                 carried = (carried + "\n" + _render_calls(candidate.tool_calls)).strip()
             whole = carried == gen.text and gen.reasoning is None
