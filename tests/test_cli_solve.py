@@ -28,6 +28,7 @@ def test_solve_on_embedded_model_prints_answer_table_and_json(demo_dir):
               "--population", "3", "--k", "2", "--rounds", "1", "--json")
     assert out.returncode == 0, out.stderr
     assert "SmolLM2-135M-Instruct" in out.stderr and "--base-url" in out.stderr
+    assert "The demo shows the method at work" in out.stderr
     assert "round" in out.stderr and "agree" in out.stderr
     result = json.loads(out.stdout)
     assert [r["kind"] for r in result["rounds"]] == ["initial", "aggregate"]
@@ -41,8 +42,9 @@ def test_solve_on_embedded_model_prints_answer_table_and_json(demo_dir):
 def test_solve_reads_stdin_and_quiet_prints_only_the_answer(demo_dir):
     out = rsa("solve", "-", "--budget", "8", "--tail", "4", "--population", "2", "--k", "1", "--rounds", "0", "-q",
               stdin="Say hello.")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() and out.stderr == ""
+    answered = out.returncode == 0 and out.stdout.strip() and out.stderr == ""
+    unanswered = out.returncode == 3 and out.stdout == "" and out.stderr.startswith("no answer: ")
+    assert answered or unanswered, (out.returncode, out.stdout, out.stderr)
 
 
 @pytest.mark.parametrize(
