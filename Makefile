@@ -47,8 +47,9 @@ LLAMA_SERVER = PIP=$(BIN)/pip bash tools/build-llama-server.sh
 llama-server: $(VENV)/.installed-core
 	@$(LLAMA_SERVER) >/dev/null
 
+# Exit code 3 is a run that ended without an answer (usual for a 135M model): the demo still showed the method.
 demo: $(VENV)/.installed-core $(VENV)/.installed-model
-	$(BIN)/rsa solve '$(DEMO_PROBLEM)'
+	$(BIN)/rsa solve '$(DEMO_PROBLEM)' || test $$? -eq 3
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check markov_rsa tests bench

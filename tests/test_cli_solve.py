@@ -28,6 +28,7 @@ def test_solve_on_embedded_model_prints_answer_table_and_json(demo_dir):
               "--population", "3", "--k", "2", "--rounds", "1", "--json")
     assert out.returncode == 0, out.stderr
     assert "SmolLM2-135M-Instruct" in out.stderr and "--base-url" in out.stderr
+    assert "The demo shows the method at work" in out.stderr
     assert "round" in out.stderr and "agree" in out.stderr
     result = json.loads(out.stdout)
     assert [r["kind"] for r in result["rounds"]] == ["initial", "aggregate"]
@@ -41,8 +42,9 @@ def test_solve_on_embedded_model_prints_answer_table_and_json(demo_dir):
 def test_solve_reads_stdin_and_quiet_prints_only_the_answer(demo_dir):
     out = rsa("solve", "-", "--budget", "8", "--tail", "4", "--population", "2", "--k", "1", "--rounds", "0", "-q",
               stdin="Say hello.")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() and out.stderr == ""
+    answered = out.returncode == 0 and out.stdout.strip() and out.stderr == ""
+    unanswered = out.returncode == 3 and out.stdout == "" and out.stderr.startswith("no answer: ")
+    assert answered or unanswered, (out.returncode, out.stdout, out.stderr)
 
 
 @pytest.mark.parametrize(
@@ -50,6 +52,12 @@ def test_solve_reads_stdin_and_quiet_prints_only_the_answer(demo_dir):
     [
         (["--k", "5", "--population", "2"], "k: aggregation set size (5) must not exceed population (2)"),
         (["--tail", "500", "--budget", "100"], "tail: tail (500) must not exceed"),
+        (["--final-n", "3"], "final_n: --final-n only applies to a final aggregation; add --final aggregate"),
+        (["--final-temperature", "0.6"], "--final-temperature only applies to a final aggregation"),
+        (["--chunk-size", "500", "--budget", "100"], "chunk_size: --chunk-size (500) exceeds --budget (100)"),
+        (["--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--timeout", "0"],
+         "--timeout: must be a positive number of seconds, got 0"),
+        (["--timeout", "-5"], "--timeout: must be a positive number of seconds, got -5"),
         (["--preset", "bogus"], "preset: unknown preset 'bogus'"),
         (["--final", "best"], "--final: 'best' is not one of 'majority', 'aggregate', 'population'"),
         (["--routing", "least-busy"], "routing: --routing applies to the remote backend only"),
@@ -102,3 +110,34 @@ def test_first_use_of_the_embedded_model_is_announced(tmp_path, demo_dir, monkey
     assert demo_model_cached()
     monkeypatch.setenv("MARKOV_RSA_CACHE", str(tmp_path))
     assert not demo_model_cached()
+
+
+def test_a_run_without_an_answer_says_why_and_fails():
+    from tests.servers import FaultServer, serve_app
+
+    server = FaultServer(reply=lambda body: "I keep thinking " * 20)  # never boxes an answer, cut at the budget
+    with serve_app(server.app()) as url:
+        base = ("solve", "2+2?", "--base-url", f"{url}/v1", "--model", "m", "--population", "3", "--rounds", "0",
+                "--budget", "50")
+        out = rsa(*base, "-q")
+        assert out.returncode == 3 and out.stdout == ""
+        assert out.stderr.strip() == ("no answer: every candidate of round 0 (3) came without one: "
+                                      "3 reached the budget of 50 tokens")
+        as_json = rsa(*base, "--json", "-q")
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["answer"] is None
+
+
+def test_the_time_limit_covers_a_server_that_never_answers():
+    import socket
+    import time
+
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        out = rsa("solve", "2+2?", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "m", "--population", "2",
+                  "--rounds", "0", "--budget", "50", "--time-limit", "3", "--timeout", "120", "-q")
+        elapsed = time.monotonic() - started
+    assert out.returncode == 3 and "time limit ran out before the backend was ready" in out.stderr, out.stderr
+    assert elapsed < 60, f"--time-limit 3 against a silent server took {elapsed:.0f}s"

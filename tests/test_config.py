@@ -24,7 +24,7 @@ from markov_rsa import PRESETS, ConfigError, RSAConfig
         ({"final": "best"}, "final"),
         ({"carryover": 10}, "carryover"),
         ({"chunk_size": 100, "carryover": 100}, "carryover"),
-        ({"chunk_size": 20000, "budget": 16384}, "chunk_size"),
+        ({"chunk_size": 100, "carryover": 50, "keep_head": 50}, "carryover"),
         ({"seed": -3}, "seed"),
         ({"population": 2.5}, "population"),
     ],
@@ -81,3 +81,19 @@ def test_the_engine_and_remote_paths_never_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("preset", "budget"), [("parallel", 1000), ("delethink", 240)])
+def test_a_budget_below_an_unused_tail_is_accepted(preset, budget):
+    """Without aggregation no tail is carried, so τ > β changes nothing and is no error."""
+    cfg = RSAConfig.from_preset(preset, budget=budget)
+    assert cfg.budget == budget and not cfg.aggregates
+    with pytest.raises(ConfigError, match=r"^tail: "):
+        RSAConfig.from_preset("zaya-16k", budget=1000)
+
+
+def test_the_default_config_is_the_default_preset():
+    assert RSAConfig() == RSAConfig.from_preset("zaya-16k")
+    assert RSAConfig().last_stage_budget == 40960
+    assert RSAConfig(budget=2000, tail=100).last_stage_budget == 2000, "a budget set by hand is every stage's"
+    assert RSAConfig.from_dict(RSAConfig().to_dict()) == RSAConfig()

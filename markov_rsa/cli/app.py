@@ -37,6 +37,8 @@ app = typer.Typer(
 )
 
 T = TypeVar("T")
+#: ``rsa solve``'s exit code when the run ended without an answer (usage errors are 2).
+NO_ANSWER_EXIT = 3
 
 
 def _version(value: bool) -> None:
@@ -132,9 +134,11 @@ def solve(
         elif result.config.final == "population":
             for c in result.population:
                 sys.stdout.write(f"{c.answer if c.answer is not None else c.text.strip()}\n")
+        elif result.answer is None:  # never some candidate's text in place of an answer
+            err.print(result.why_no_answer(), highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(NO_ANSWER_EXIT)
         else:
-            answer = result.answer if result.answer is not None else result.text.strip()
-            sys.stdout.write(f"{answer}\n")
+            sys.stdout.write(f"{result.answer}\n")
 
     run_cli(body)
 

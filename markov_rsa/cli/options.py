@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import typing
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from markov_rsa.backends.factory import BackendOptions, build_backend
+from markov_rsa.errors import ConfigError
 
 __all__ = ["RSA_OPTIONS", "BackendOptions", "backend_options", "build_backend", "build_config", "rsa_options"]
 from markov_rsa.rsa.config import PRESETS, RSAConfig
@@ -78,7 +80,14 @@ Dtype = Annotated[Literal["auto", "bfloat16", "float16", "float32"],
 MaxConcurrency = Annotated[int | None, typer.Option(
     min=1, help="Most requests in flight at once: remote, open requests (default 64); local, rows in the running "
                 "batch (default 16).")]
+def _positive_seconds(value: float) -> float:
+    if not math.isfinite(value) or value <= 0:
+        raise typer.BadParameter(f"must be a positive number of seconds, got {value:g}")
+    return value
+
+
 Timeout = Annotated[float, typer.Option(
+    callback=_positive_seconds,
     help="Remote backend: seconds for the connect and the longest silence once a reply has started (a generation "
          "may stream far longer; a request queued on a busy server waits while the server answers /health).")]
 RoutingFlag = Annotated[Literal["affinity", "least-busy"], typer.Option(
@@ -90,7 +99,8 @@ ChunkMode = Annotated[ChunkModeName | None, typer.Option(
     help="How C is read: new (each chunk generates C tokens) or context (Delethink: the first chunk generates C, "
          "later ones C − m).")]
 TailSource = Annotated[TailSourceName | None, typer.Option(
-    help="What is carried between rounds.")]
+    help="What is carried between rounds: reasoning, answer, hybrid (the answer once there is one) or full "
+         "(everything the candidate wrote, reasoning then answer).")]
 Final = Annotated[FinalModeName | None, typer.Option(help="Final selection.")]
 FinalTopP = Annotated[float | None, typer.Option(help="Nucleus threshold of the final aggregations.")]
 FinalTopK = Annotated[int | None, typer.Option(help="Top-k cut-off of the final aggregations.")]
@@ -143,8 +153,24 @@ def backend_options(values: Mapping[str, Any], *, key_env_param: str = "api_key_
     )
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def build_config(preset: str | None, embedded: bool, **fields: Any) -> RSAConfig:
+    """The run's config: the preset (``demo`` for the embedded model, else ``zaya-16k``) with the flags
+    that were given. A flag that would change nothing in this run is an error naming the fix."""
     name = preset or ("demo" if embedded else "zaya-16k")
     if fields.get("stop") is not None:
         fields["stop"] = tuple(fields["stop"]) or None
-    return RSAConfig.from_preset(name, **fields)
+    config = RSAConfig.from_preset(name, **fields)
+    given = {key for key, value in fields.items() if value is not None}
+    if config.final != "aggregate":
+        for key in ("final_n", "final_temperature", "final_top_p", "final_top_k"):
+            if key in given:
+                raise ConfigError(key, f"{_flag(key)} only applies to a final aggregation; add --final aggregate "
+                                       f"or drop {_flag(key)}")
+    if "chunk_size" in given and config.chunk_size is not None and config.chunk_size > config.budget:
+        raise ConfigError("chunk_size", f"--chunk-size ({config.chunk_size}) exceeds --budget ({config.budget}), so "
+                                        "rollouts would never be chunked; lower it or raise --budget")
+    return config

@@ -1,53 +1,95 @@
-"""Answer extraction and majority voting.
+"""Answer extraction and canonical keys.
 
-The engine votes on canonical keys so it needs no symbolic-math stack: normalisation removes
-differences that never change a value (spacing, ``\\left``/``\\right``, ``\\dfrac``, leading zeros,
-braces around one-character arguments such as ``\\sqrt3``), and every rational number, however it
-is written (``\\frac12``, ``1/2``, ``0.5``), becomes one exact fraction. So answers the math grader
-deems equal vote together. A caller with a full equivalence test (the evaluation harness's math
-grader) can pass it as ``same`` to merge what the keys leave apart.
+The canonical key removes differences that never change a value (spacing between symbols, sizing
+``\\left``/``\\right``, ``\\dfrac``, degree signs, ``x=`` before a value, a set's order, leading
+zeros, braces around one-character arguments such as ``\\sqrt3``), and every rational number, however
+it is written (``\\frac12``, ``1/2``, ``0.5``), becomes one exact fraction. It never merges two
+different answers (``\\leftarrow`` is not ``\\rightarrow``, ``1 2`` is not ``12``). The vote
+(:mod:`markov_rsa.rsa.votes`) starts from these keys and merges what the grader's equivalence
+deems equal.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import textwrap
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
 
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_BOXED = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])\s*")
+_UNBRACED = re.compile(r"[^\s${}]+")
+#: A code fence, with the indentation of its opening line (a fence inside a list item is indented).
+_FENCE = re.compile(r"^([ \t]*)```[ \t]*([\w+.-]*)[^\n]*\n(.*?)```", re.DOTALL | re.MULTILINE)
+#: A number and the sentence's full stop (``\boxed{113.}``): the number is the answer.
+_NUMBER_PUNCT = re.compile(r"([+-]?\d[\d,]*(?:\.\d+)?)[.;:!]")
+#: What a reply that echoes the instruction ("put the answer in \boxed{}") puts in its box.
+_PLACEHOLDERS = frozenset({"", "...", "\\ldots", "\\cdots", "\\dots", "?", "answer", "ans", "your answer",
+                           "final answer", "the answer", "your final answer", "the final answer"})
+
+
+def _boxes(text: str) -> list[str]:
+    """Every box's content in order: ``\\boxed{...}`` (braces balanced) and ``\\boxed 5``."""
+    found: list[str] = []
+    for match in _BOXED.finditer(text):
+        start = match.end()
+        if start < len(text) and text[start] == "{":
+            depth = 1
+            for pos in range(start + 1, len(text)):
+                ch = text[pos]
+                if ch == "{":
+                    depth += 1
+                elif ch == "}":
+                    depth -= 1
+                    if depth == 0:
+                        found.append(text[start + 1:pos].strip())
+                        break
+        elif match.group().endswith((" ", "\t")) or text[start:start + 1].isdigit():
+            token = _UNBRACED.match(text, start)
+            if token:
+                found.append(token.group())
+    return found
+
+
+def _placeholder(content: str) -> bool:
+    inner = re.sub(r"\\(?:text|mathrm|textbf|mathbf|textit)\{([^{}]*)\}", r"\1", content)
+    return inner.strip().strip("$").strip().lower() in _PLACEHOLDERS
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (braces balanced), or None."""
-    last: str | None = None
-    for match in _BOXED.finditer(text):
-        depth, start = 1, match.end()
-        for pos in range(start, len(text)):
-            ch = text[pos]
-            if ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    last = text[start:pos].strip()
-                    break
-    return last
+    """The answer of the last box that holds one, or None.
+
+    Empty and placeholder boxes (a reply echoing "in ``\\boxed{}``") are skipped, ``\\boxed 5`` is
+    read as 5, and a number followed by sentence punctuation (``\\boxed{113.}``) is that number."""
+    for content in reversed(_boxes(text)):
+        if _placeholder(content):
+            continue
+        number = _NUMBER_PUNCT.fullmatch(content)
+        return number.group(1) if number else content
+    return None
 
 
 def extract_code(text: str) -> str | None:
-    """The last fenced code block, preferring Python-tagged ones when a reply mixes languages."""
-    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(text)]
+    """The last fenced code block, preferring Python-tagged ones when a reply mixes languages; a
+    fence inside a list item loses the item's indentation."""
+    blocks = [(lang.lower(), textwrap.dedent(body)) for _, lang, body in _FENCE.findall(text)]
     if not blocks:
         return None
     python = [body for lang, body in blocks if lang in ("python", "py", "python3")]
-    return (python or [body for _, body in blocks])[-1].strip("\n") or None
+    return (python or [body for _, body in blocks])[-1].strip("\n").rstrip() or None
 
 
-_DROP = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\:|\\ |\$|\s+")
-_TEXT = re.compile(r"\\(?:text|mathrm|textbf|mathbf)\{([^{}]*)\}")
+#: Spacing commands and math delimiters; ``\left``/``\right`` only as sizing (``\leftarrow`` stays).
+_SPACING = re.compile(r"\\[,;:! ]|\\(?:left|right)(?![a-zA-Z])|\$|\\displaystyle")
+#: A space matters only between two word characters (``1 2`` is not ``12``, ``\pi x`` is not ``\pix``).
+_SPACE = re.compile(r"(?<![A-Za-z0-9]) | (?![A-Za-z0-9])")
+_TEXT = re.compile(r"\\(?:text|mathrm|textbf|mathbf|textit|operatorname)\{([^{}]*)\}")
+_DEGREES = re.compile(r"\^\{?\\circ\}?|°")
+_CHOICE = re.compile(r"\(([A-Z])\)")
+_EQUATION = re.compile(r"[A-Za-z]=([^=,]+)")
+_SET = re.compile(r"\\\{([^{}\\]*)\\\}")
+_POWER = re.compile(r"([+-]?\d+)\^\{?(\d+)\}?")
 _INT = re.compile(r"[+-]?\d+")
 _DEC = re.compile(r"[+-]?\d*\.\d+")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(,\d{3})+")
@@ -92,15 +134,31 @@ def tool_calls_key(calls: Sequence[dict[str, Any]]) -> str:
 
 
 def normalize_answer(answer: str) -> str:
+    """The answer's canonical key: spellings of one value share it, and different answers never do.
+
+    Cheap and conservative; what it leaves apart (``\\sqrt2/2`` and ``\\frac{\\sqrt2}{2}``) the vote's
+    equivalence (:mod:`markov_rsa.rsa.votes`) may still merge."""
     if answer.startswith(TOOL_CALLS_PREFIX):
         return answer
     s = _TEXT.sub(r"\1", answer)
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("^{\\circ}", "^\\circ")
-    s = _DROP.sub("", s).rstrip(".")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = _DEGREES.sub("", _SPACING.sub(" ", s))
+    s = _SPACE.sub("", re.sub(r"\s+", " ", s).strip()).rstrip(".")
     if s.startswith("{") and s.endswith("}") and s.count("{") == 1:
         s = s[1:-1]
     s = _SHORT_ARG.sub(r"\\\1{\2}", s)
     s = _SHORT_FRAC_SECOND.sub(r"\\frac\1{\2}", s)
+    if _CHOICE.fullmatch(s):
+        s = s[1:-1]
+    equation = _EQUATION.fullmatch(s)
+    if equation:  # x=5 answers 5, as the grader reads it
+        s = equation.group(1)
+    elements = _SET.fullmatch(s)
+    if elements and "," in s:  # a set's order is not part of its value
+        s = "\\{" + ",".join(sorted(normalize_answer(e) for e in elements.group(1).split(","))) + "\\}"
+    power = _POWER.fullmatch(s)
+    if power and int(power.group(2)) <= 64 and abs(int(power.group(1))) <= 10**6:
+        s = str(int(power.group(1)) ** int(power.group(2)))
     if _THOUSANDS.fullmatch(s):  # only well-formed thousands separators: 1,000 is 1000, 3,4 stays 3,4
         s = s.replace(",", "")
     value = _rational(s)
@@ -110,28 +168,15 @@ def normalize_answer(answer: str) -> str:
 
 
 def majority(answers: Sequence[str | None], same: Callable[[str, str], bool] | None = None) -> tuple[int | None, int]:
-    """Index of the winning candidate and its vote count.
+    """Index of the winning candidate and its vote count (see :func:`markov_rsa.rsa.votes.vote`).
 
     Candidates without an answer do not vote. Answers with the same canonical key vote together,
-    and so do keys that ``same`` deems equal. Ties go to the answer that appeared first in the
-    population, so the result depends only on the population, never on dict or set ordering.
+    and so do answers that ``same`` deems equal. Ties go to the answer that appeared first.
     """
-    counts: dict[str, int] = {}
-    first: dict[str, int] = {}
-    raw: dict[str, str] = {}
-    for i, answer in enumerate(answers):
-        if answer is None:
-            continue
-        key = normalize_answer(answer)
-        if key not in counts and same is not None:
-            key = next((k for k in counts if same(raw[k], answer)), key)
-        counts[key] = counts.get(key, 0) + 1
-        first.setdefault(key, i)
-        raw.setdefault(key, answer)
-    if not counts:
-        return None, 0
-    best = min(counts, key=lambda key: (-counts[key], first[key]))
-    return first[best], counts[best]
+    from markov_rsa.rsa.votes import as_equivalence, vote
+
+    result = vote(answers, as_equivalence(same))
+    return result.winner, result.votes
 
 
 def agreement(answers: Sequence[str | None]) -> float:

@@ -15,13 +15,20 @@ from typing import Any, Literal, get_args
 
 from markov_rsa.errors import ConfigError
 
-TailSource = Literal["reasoning", "answer", "hybrid"]
+#: What a candidate carries: its ``reasoning``, its ``answer`` section, ``hybrid`` (the answer when it has one,
+#: else the reasoning) or ``full`` (everything it wrote, reasoning then answer, as full-chain RSA carries).
+TailSource = Literal["reasoning", "answer", "hybrid", "full"]
 FinalMode = Literal["majority", "aggregate", "population"]
 TaskName = Literal["math", "code", "generic"]
 #: How ``chunk_size`` (C) is read: ``new`` gives every chunk C new tokens; ``context`` treats C as a
 #: chunk's whole reasoning context as Delethink's reference code does (the first chunk generates C
 #: tokens, later ones C − m, since m carried tokens already fill the rest).
 ChunkMode = Literal["new", "context"]
+
+#: ``final_budget``'s default: resolved to the default preset's 40960, or to β when β was given.
+UNSET_FINAL_BUDGET = -1
+DEFAULT_BUDGET = 16384
+DEFAULT_FINAL_BUDGET = 40960
 
 TAIL_SOURCES: tuple[str, ...] = get_args(TailSource)
 FINAL_MODES: tuple[str, ...] = get_args(FinalMode)
@@ -41,15 +48,19 @@ class RSAConfig:
 
     ``final_budget`` is the max new tokens of the last stage (round T, or the final aggregation
     when ``final="aggregate"``); the ZAYA1-8B report gives it 40K whatever β is.
+
+    ``RSAConfig()`` is the ``zaya-16k`` preset, as the CLI's default with a real model: left unset,
+    ``final_budget`` is 40960 with the default β and β itself when β is given (a budget set by hand
+    is every stage's unless said otherwise, as ``--budget`` does).
     """
 
     population: int = 16
     k: int = 4
     rounds: int = 2
-    budget: int = 16384
+    budget: int = DEFAULT_BUDGET
     tail: int = 4096
-    #: Max new tokens of the last stage; ``None`` means ``budget``.
-    final_budget: int | None = None
+    #: Max new tokens of the last stage; ``None`` means ``budget`` (see the class docstring for the default).
+    final_budget: int | None = UNSET_FINAL_BUDGET
     # Fixed-length chunked rollouts (Delethink); ``chunk_size=None`` means one generation per rollout.
     chunk_size: int | None = None
     carryover: int | None = None
@@ -85,6 +96,8 @@ class RSAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.stop, (list, str)):  # from JSON, or a single sequence
             object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        if self.final_budget == UNSET_FINAL_BUDGET:
+            object.__setattr__(self, "final_budget", DEFAULT_FINAL_BUDGET if self.budget == DEFAULT_BUDGET else None)
         _validate(self)
 
     # -- construction -------------------------------------------------------------------------
@@ -94,9 +107,9 @@ class RSAConfig:
         if name not in PRESETS:
             raise ConfigError("preset", f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         given = {k: v for k, v in overrides.items() if v is not None}
-        values = {**PRESETS[name].values, **given}
+        values = {"final_budget": None, **PRESETS[name].values, **given}
         if "budget" in given and "final_budget" not in given:
-            values.pop("final_budget", None)  # a budget set by hand is every stage's unless said otherwise
+            values["final_budget"] = None  # a budget set by hand is every stage's unless said otherwise
         if "early_exit" not in given and not values.get("rounds") and values.get("final") != "aggregate":
             values.pop("early_exit", None)  # an -adaptive preset run as one stage: nothing to stop early
         return cls.from_dict({**values, "preset": name})
@@ -171,7 +184,7 @@ def _validate(cfg: RSAConfig) -> None:
         raise ConfigError("seed", f"must be a non-negative integer, got {cfg.seed!r}")
     if cfg.k > cfg.population and cfg.aggregates:
         raise ConfigError("k", f"aggregation set size ({cfg.k}) must not exceed population ({cfg.population})")
-    if cfg.tail > cfg.budget:
+    if cfg.tail > cfg.budget and cfg.aggregates:  # without aggregation no tail is carried
         raise ConfigError("tail", f"tail ({cfg.tail}) must not exceed the per-rollout budget ({cfg.budget})")
     for name in ("temperature", "final_temperature"):
         value = getattr(cfg, name)
@@ -209,8 +222,6 @@ def _validate(cfg: RSAConfig) -> None:
             "carryover",
             f"carryover ({carry}) + keep_head ({cfg.keep_head}) must be smaller than chunk_size ({cfg.chunk_size})",
         )
-    if cfg.chunk_size > cfg.budget:
-        raise ConfigError("chunk_size", f"chunk_size ({cfg.chunk_size}) must not exceed budget ({cfg.budget})")
 
 
 def _validate_early_exit(cfg: RSAConfig) -> None:
@@ -263,15 +274,17 @@ PRESETS: Mapping[str, Preset] = _presets(
     ),
     Preset(
         "rsa-paper",
-        "original full-chain RSA (arXiv:2509.26626): N16 K4 T9, τ=β=8K",
-        {"population": 16, "k": 4, "rounds": 9, "budget": 8192, "tail": 8192},
+        "original full-chain RSA (arXiv:2509.26626): N16 K4 T9, τ=β=8K, whole replies carried",
+        {"population": 16, "k": 4, "rounds": 9, "budget": 8192, "tail": 8192, "tail_source": "full"},
     ),
     Preset(
         "delethink",
-        "one Delethink rollout (24K): C=8K context per chunk, m=4K carried, first 100 tokens kept, 5 chunks",
+        "one Delethink rollout (24K): C=8K context per chunk, m=4K carried, first 100 tokens kept, 5 chunks, "
+        "temperature 0.6 as Delethink's reference",
         {
             "population": 1, "k": 1, "rounds": 0, "budget": 24576, "tail": 4096,
             "chunk_size": 8192, "carryover": 4096, "max_chunks": 5, "keep_head": 100, "chunk_mode": "context",
+            "temperature": 0.6,
         },
     ),
     Preset(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ import numpy as np
 
 from markov_rsa.backends.base import NORMAL_FINISH, Backend, Message, SamplingParams
 from markov_rsa.errors import BackendError, BackendRequestError, BackendUnavailableError
-from markov_rsa.rsa.answers import majority, tool_calls_key
+from markov_rsa.rsa.answers import tool_calls_key
 from markov_rsa.rsa.config import RSAConfig
 from markov_rsa.rsa.consensus import exits_early, round_agreement
 from markov_rsa.rsa.events import (
@@ -41,8 +42,9 @@ from markov_rsa.rsa.events import (
 )
 from markov_rsa.rsa.result import Candidate, RoundKind, RoundRecord, RSAResult, Selection, StopReason, Usage
 from markov_rsa.rsa.rollout import rollout
-from markov_rsa.rsa.tails import carried_text, last_tokens, split_reasoning
+from markov_rsa.rsa.tails import carried_text, last_tokens, opens_think_by_template, split_reasoning
 from markov_rsa.rsa.tasks import Task, task_for
+from markov_rsa.rsa.votes import Vote
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +130,10 @@ class MarkovianRSA:
         self.task = task or task_for(self.config.task, self.config.prompt_version)
         #: Seconds between two RoundProgress events of a stage (they come only when tokens moved).
         self.progress_interval = progress_interval
+        #: Seen a reply that closes a think block it never opened: the chat template opens it, so a
+        #: reply cut at the budget without ``</think>`` was cut inside its reasoning (the server may not
+        #: say so when it has no tokenize endpoint to render the template with).
+        self._template_opens_think = False
 
     async def solve(self, problem: str, **request: Any) -> RSAResult:
         """Run to the end; ``request`` takes :meth:`stream`'s keyword arguments."""
@@ -156,7 +162,13 @@ class MarkovianRSA:
                    context=tuple(context), trailing=tuple(trailing), options=options)
         yield RunStarted(problem=problem, seed=run.seed, stages=cfg.rounds + 1)
         stop: StopReason = "complete"
-        await self.backend.ready()
+        remaining = run.remaining_time()
+        try:  # the run's time limit covers the backend's start-up probe too
+            await (self.backend.ready() if remaining is None else asyncio.wait_for(self.backend.ready(), remaining))
+        except TimeoutError:
+            logger.warning("the time limit (%gs) ran out before the backend was ready", cfg.time_limit)
+            yield RunFinished(await self._finish(run, "time_limit", False))
+            return
         exact = self.backend.info.tokenizer == "exact"
         try:
             previous: list[Candidate] = []
@@ -269,15 +281,19 @@ class MarkovianRSA:
             run.streamed = {}
             record.candidates.sort(key=lambda c: c.index)
             record.seconds = time.perf_counter() - started
+        if self._template_opens_think:  # candidates that finished before the evidence came in
+            for c in record.candidates:
+                if c.ok and c.finish_reason == "length" and c.finished and c.text == c.reasoning and not c.tool_calls:
+                    c.text, c.answer, c.finished = "", None, False
         ok = [c for c in record.candidates if c.ok]
         answers = tuple(c.answer for c in record.candidates)
-        winner, votes = majority([c.answer for c in ok])
+        tally = await asyncio.to_thread(self.task.vote, [c.answer for c in ok])
         yield RoundFinished(
             round=t,
             round_kind=kind,
             answers=answers,
-            majority=ok[winner].answer if winner is not None else None,
-            agreement=votes / len(record.candidates) if record.candidates else 0.0,
+            majority=tally.answer,
+            agreement=tally.votes / len(record.candidates) if record.candidates else 0.0,
             usage=record.usage,
             seconds=record.seconds,
             failed=len(record.candidates) - len(ok),
@@ -351,7 +367,12 @@ class MarkovianRSA:
                 error = BackendUnavailableError(f"the server ended the generation with finish_reason {finish!r}")
                 logger.debug("round %d candidate %d attempt %d ended with %s", t, i, attempt, finish)
                 continue
-            split = split_reasoning(out.generation)
+            gen = out.generation
+            if gen.reasoning is None and not gen.think_opened and opens_think_by_template(gen.text):
+                self._template_opens_think = True  # this model's template opens <think>: the server did not say
+            if self._template_opens_think and gen.reasoning is None and not gen.think_opened:
+                gen = dataclasses.replace(gen, think_opened=True)
+            split = split_reasoning(gen)
             candidate.text = split.answer
             candidate.reasoning = split.reasoning
             candidate.finished = split.finished
@@ -364,8 +385,8 @@ class MarkovianRSA:
             candidate.usage = spent
             candidate.chunks = out.chunks
             candidate.seconds = out.seconds
+            candidate.tail_approximate = out.approximate
             carried = carried_text(split, cfg.tail_source)
-            gen = out.generation
             if candidate.tool_calls:
                 carried = (carried + "\n" + _render_calls(candidate.tool_calls)).strip()
             whole = carried == gen.text and gen.reasoning is None
@@ -418,9 +439,14 @@ class MarkovianRSA:
         pool, selection = self._choose(run, stop)
         chosen: Candidate | None = None
         votes = 0
+        tally = Vote()
         if pool and selection != "population":
             position, votes = await self.task.select(pool)
             chosen = pool[position] if position is not None else pool[0]
+            tally = await asyncio.to_thread(self.task.vote, [c.answer for c in pool])  # pairs are cached
+            if tally.undecided:
+                logger.warning("the vote left %d answer pairs to canonical keys (%s could not decide them)",
+                               tally.undecided, tally.equivalence)
         info = self.backend.info
         sampling = {"rollout": self._stated(self._sampling(run, 0, 0, "initial", 0, 0))}
         if cfg.final == "aggregate":
@@ -448,6 +474,8 @@ class MarkovianRSA:
             selection=selection,
             sampling=sampling,
             consensus=run.consensus,
+            equivalence=tally.equivalence,
+            vote_undecided=tally.undecided,
         )
 
     @staticmethod
@@ -473,7 +501,18 @@ def solve(
     task: Task | None = None,
     **overrides: object,
 ) -> RSAResult:
-    """Blocking convenience wrapper for scripts: ``solve("...", backend=b, preset="light", seed=1)``."""
+    """Blocking convenience wrapper for scripts: ``solve("...", backend=b, preset="light", seed=1)``.
+
+    Inside a running event loop (a notebook, an async application) it cannot block; there, use
+    ``await MarkovianRSA(backend, config).solve(problem)``."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError("markov_rsa.solve() blocks, so it cannot run inside a running event loop (a notebook, "
+                           "an async application); there, use: result = await MarkovianRSA(backend, config)"
+                           ".solve(problem)")
     if config is None:
         config = RSAConfig.from_preset(preset, **overrides) if preset else RSAConfig(**overrides)  # type: ignore[arg-type]
     elif overrides:

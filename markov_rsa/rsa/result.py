@@ -135,12 +135,41 @@ class RSAResult:
     sampling: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: With ``stop_reason="consensus"``: the round that voted, its agreement and the threshold it reached.
     consensus: dict[str, Any] | None = None
+    #: The equivalence the final vote clustered answers with (``math-verify`` or ``canonical``), and
+    #: how many answer pairs it could not decide (deadline, math-verify missing), left to the keys.
+    equivalence: str = "canonical"
+    vote_undecided: int = 0
 
     @property
     def population(self) -> list[Candidate]:
         """The last complete generation stage (the final aggregations excluded)."""
         stages = [r for r in self.rounds if r.kind != "final"]
         return stages[-1].candidates if stages else []
+
+    def why_no_answer(self) -> str:
+        """One line saying why the run has no answer ("" when it has one): what the candidates that
+        voted did instead (reached the budget, finished without an answer, failed)."""
+        if self.answer is not None or self.selection == "population":
+            return ""
+        stages = [r for r in self.rounds if r.kind != "final"]
+        if self.selection == "last_complete_round":
+            stages = [r for r in stages if r.complete] or stages
+        if not stages and self.stop_reason == "time_limit":
+            return "no answer: the time limit ran out before the backend was ready (is the server answering?)"
+        if not stages:
+            return f"no answer: no stage ran ({self.stop_reason})"
+        stage = stages[-1]
+        failed = [c for c in stage.candidates if not c.ok]
+        cut = [c for c in stage.candidates if c.ok and c.finish_reason == "length"]
+        silent = [c for c in stage.candidates if c.ok and c.finish_reason != "length" and c.answer is None]
+        parts = [f"{len(cut)} reached the budget of {stage.budget} tokens" if cut else "",
+                 f"{len(silent)} finished without one" if silent else "",
+                 f"{len(failed)} failed ({failed[0].error})" if failed else ""]
+        label = "the final aggregations" if stage.kind == "final" else f"round {stage.index}"
+        every = "every candidate" if len(stage.candidates) != 1 else "the candidate"
+        why = "; ".join(p for p in parts if p) or "none answered"
+        stop = "" if self.stop_reason == "complete" else f"; the run stopped early ({self.stop_reason})"
+        return f"no answer: {every} of {label} ({len(stage.candidates)}) came without one: {why}{stop}"
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

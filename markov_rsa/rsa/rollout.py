@@ -12,6 +12,7 @@ again, so an answer that a reasoning-parser server split across a chunk boundary
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,10 +26,12 @@ from markov_rsa.backends.base import (
     Message,
     SamplingParams,
 )
-from markov_rsa.errors import BackendError, BackendUnavailableError
+from markov_rsa.errors import BackendError
 from markov_rsa.rsa.config import RSAConfig
 from markov_rsa.rsa.result import Usage
 from markov_rsa.rsa.tails import THINK_CLOSE
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class RolloutOutput:
     usage: Usage
     chunks: int
     seconds: float
+    #: The tokenizer failed between two chunks, so the carry-over after it was cut on an approximation.
+    approximate: bool = False
 
 
 def _usage(gen: Generation) -> Usage:
@@ -85,6 +90,7 @@ async def rollout(
     head_text = ""
     prefix = ""
     prefix_ids: tuple[int, ...] = ()
+    approximate = False
     for chunk in range(config.effective_max_chunks):
         size = config.chunk_size - carry if chunk and config.chunk_mode == "context" else config.chunk_size
         request = GenerationRequest(
@@ -105,22 +111,22 @@ async def rollout(
         if gen.finish_reason != "length" or remaining <= 0 or chunk + 1 >= config.effective_max_chunks:
             break
         raw = _raw_output(gen)
-        try:
-            ids = list(gen.token_ids) if gen.token_ids is not None and exact_tokens else None
-            if ids is None:
-                ids = await backend.tokenize(raw) if exact_tokens else []
-            if chunk == 0 and config.keep_head:
-                head_ids = ids[: config.keep_head]
-                head_text = raw[: config.keep_head * APPROX_CHARS_PER_TOKEN]
-            if exact_tokens:
+        if chunk == 0 and config.keep_head:
+            head_text = raw[: config.keep_head * APPROX_CHARS_PER_TOKEN]
+        if exact_tokens:
+            try:
+                ids = list(gen.token_ids) if gen.token_ids is not None else await backend.tokenize(raw)
+                if chunk == 0 and config.keep_head:
+                    head_ids = ids[: config.keep_head]
                 prefix_ids = tuple(head_ids + (ids[-carry:] if carry else []))
                 prefix = await backend.detokenize(prefix_ids) if prefix_ids else ""
-            else:
-                prefix = head_text + (raw[-carry * APPROX_CHARS_PER_TOKEN:] if carry else "")
-        except BackendError as exc:  # the tokenizer failed: this rollout fails (and is retried), not the run
-            raise BackendUnavailableError(f"cutting chunk {chunk}'s carry-over failed: {exc}") from exc
+                continue
+            except BackendError as exc:  # as for tails: this rollout goes on with an approximate carry-over
+                logger.warning("cutting chunk %d's carry-over failed (%s); carrying an approximate one", chunk, exc)
+                exact_tokens, approximate, prefix_ids = False, True, ()
+        prefix = head_text + (raw[-carry * APPROX_CHARS_PER_TOKEN:] if carry else "")
 
-    return RolloutOutput(combine_chunks(outputs), usage, len(outputs), time.perf_counter() - start)
+    return RolloutOutput(combine_chunks(outputs), usage, len(outputs), time.perf_counter() - start, approximate)
 
 
 def _offset(callback: Callable[[int], None], before: int) -> Callable[[int], None]:

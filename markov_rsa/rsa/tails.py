@@ -50,12 +50,20 @@ def split_reasoning(gen: Generation) -> Split:
     return Split(text, text, finished=True)
 
 
+def opens_think_by_template(text: str) -> bool:
+    """Whether a reply closes a think block it never opened: the chat template opened it."""
+    close = text.find(THINK_CLOSE)
+    return close >= 0 and THINK_OPEN not in text[:close]
+
+
 def carried_text(split: Split, source: str) -> str:
     """The part of a candidate that the next round sees, before it is cut to τ tokens."""
     if source == "answer":
         return split.answer or split.reasoning
     if source == "hybrid":
         return split.answer if split.finished and split.answer.strip() else split.reasoning
+    if source == "full" and split.answer.strip() and split.reasoning.strip() and split.answer != split.reasoning:
+        return f"{split.reasoning.rstrip()}\n\n{split.answer.lstrip()}"  # everything it wrote: τ cuts the end
     return split.reasoning or split.answer
 
 

@@ -7,13 +7,15 @@ public tests it was given (the evaluation harness supplies them).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from markov_rsa.rsa.answers import extract_boxed, extract_code, majority
+from markov_rsa.rsa.answers import extract_boxed, extract_code
 from markov_rsa.rsa.prompts import PROMPTS, PromptSet, prompt_set
 from markov_rsa.rsa.result import Candidate
+from markov_rsa.rsa.votes import Equivalence, MathEquivalence, Vote, vote
 
 
 @runtime_checkable
@@ -26,6 +28,10 @@ class Task(Protocol):
 
     def extract_answer(self, text: str) -> str | None: ...
 
+    def vote(self, answers: Sequence[str | None]) -> Vote:
+        """The answers' clusters (blocking: the engine runs it in a thread)."""
+        ...
+
     async def select(self, candidates: Sequence[Candidate]) -> tuple[int | None, int]:
         """Position (in ``candidates``) of the chosen one and its support (votes or tests passed)."""
         ...
@@ -33,17 +39,21 @@ class Task(Protocol):
 
 @dataclass(frozen=True)
 class MathTask:
-    """Boxed answers; the vote groups answers by exact value (``same`` may merge more)."""
+    """Boxed answers; the vote clusters them by the math grader's equivalence (bounded, cached)."""
 
     prompts: PromptSet = PROMPTS["math"]
     name: str = "math"
-    same: Callable[[str, str], bool] | None = None
+    equivalence: Equivalence = field(default_factory=MathEquivalence, compare=False)
 
     def extract_answer(self, text: str) -> str | None:
         return extract_boxed(text)
 
+    def vote(self, answers: Sequence[str | None]) -> Vote:
+        return vote(answers, self.equivalence)
+
     async def select(self, candidates: Sequence[Candidate]) -> tuple[int | None, int]:
-        return majority([c.answer for c in candidates], self.same)
+        result = await asyncio.to_thread(self.vote, [c.answer for c in candidates])
+        return result.winner, result.votes
 
 
 @dataclass(frozen=True)
@@ -56,8 +66,12 @@ class GenericTask:
     def extract_answer(self, text: str) -> str | None:
         return text.strip() or None
 
+    def vote(self, answers: Sequence[str | None]) -> Vote:
+        return vote(answers)
+
     async def select(self, candidates: Sequence[Candidate]) -> tuple[int | None, int]:
-        return majority([c.answer for c in candidates])
+        result = self.vote([c.answer for c in candidates])
+        return result.winner, result.votes
 
 
 #: Scores one program (the number of public tests it passes).
@@ -76,6 +90,10 @@ class CodeTask:
 
     def extract_answer(self, text: str) -> str | None:
         return extract_code(text)
+
+    def vote(self, answers: Sequence[str | None]) -> Vote:
+        """Identical programs (by canonical key) vote together; :meth:`select` may rank by tests."""
+        return vote(answers)
 
     async def select(self, candidates: Sequence[Candidate]) -> tuple[int | None, int]:
         best: tuple[int | None, int] = (None, -1)
