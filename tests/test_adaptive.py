@@ -12,6 +12,7 @@ from markov_rsa.rsa.consensus import answer_agreement, outcome_agreement
 from markov_rsa.rsa.events import ConsensusReached, RoundFinished, RunFinished
 from markov_rsa.rsa.result import Candidate
 from markov_rsa.rsa.tasks import CodeTask, MathTask
+from markov_rsa.rsa.votes import CanonicalEquivalence
 from markov_rsa.server import ServerSettings, create_app
 from tests.doubles import ScriptedBackend
 from tests.servers import serve_app
@@ -101,13 +102,14 @@ async def test_equal_answers_written_differently_agree():
 
 
 async def test_the_votes_own_equivalence_decides_agreement():
-    backend = ScriptedBackend(scripted({0: ["x+1", "1+x"]}))
-    plain, _ = await solve(backend, cfg(early_exit=1.0, rounds=1))
+    """Agreement is the vote's: math-verify calls x+1 and 1+x equal, canonical keys do not."""
+    keys_only = MathTask(equivalence=CanonicalEquivalence())
+    plain, _ = await solve(ScriptedBackend(scripted({0: ["x+1", "1+x"]})), cfg(early_exit=1.0, rounds=1), keys_only)
     assert plain.stop_reason == "complete"
-    commutes = MathTask(same=lambda a, b: sorted(a.split("+")) == sorted(b.split("+")))
-    merged, _ = await solve(ScriptedBackend(scripted({0: ["x+1", "1+x"]})), cfg(early_exit=1.0, rounds=1), commutes)
+    merged, _ = await solve(ScriptedBackend(scripted({0: ["x+1", "1+x"]})), cfg(early_exit=1.0, rounds=1))
     assert merged.stop_reason == "consensus" and len(merged.rounds) == 1
-    assert answer_agreement(["x+1", "1+x", None, "y"], commutes.same) == 0.5
+    commutes = lambda a, b: sorted(a.split("+")) == sorted(b.split("+"))  # noqa: E731
+    assert answer_agreement(["x+1", "1+x", None, "y"], commutes) == 0.5
 
 
 def program_reply(programs: dict[int, list[str]]):

@@ -28,8 +28,10 @@ def reply(request, _number):
 ROUND = 5 * LENGTH  # tokens of one round of one problem
 
 
-async def evaluate(out: Path, budget: int | None, *, limit: int | None = None, concurrency: int = 2) -> dict:
-    spec = EvalSpec(task="aime25", config=CONFIG, concurrency=concurrency, total_token_budget=budget, limit=limit)
+async def evaluate(out: Path, budget: int | None, *, limit: int | None = None, concurrency: int = 2,
+                   force: bool = False) -> dict:
+    spec = EvalSpec(task="aime25", config=CONFIG, concurrency=concurrency, total_token_budget=budget, limit=limit,
+                    force=force)
     evaluation = Evaluation(spec, ScriptedBackend(reply), PROBLEMS, out, math_grader=ExactGrader())
     await evaluation.run()
     records = {r.problem_id: r for r in read_problems(out / PROBLEMS_FILE)}
@@ -73,7 +75,7 @@ async def test_same_seed_same_schedule_whatever_the_concurrency(tmp_path):
 async def test_a_resumed_run_counts_what_finished_problems_spent(tmp_path):
     first = await evaluate(tmp_path / "run", 9 * ROUND, limit=2)  # p0 and p1, all three rounds each
     assert first["schedule"]["spent"] == 6 * ROUND
-    resumed = await evaluate(tmp_path / "run", 9 * ROUND)
+    resumed = await evaluate(tmp_path / "run", 9 * ROUND, force=True)  # a larger plan: resumed on purpose
     assert resumed["schedule"]["spent_before"] == 6 * ROUND
     assert resumed["schedule"]["spent"] == 9 * ROUND  # three round 0s, nothing left for more
     assert set(resumed["schedule"]["problems"]) == {"p2#0", "p3#0", "p4#0"}

@@ -5,7 +5,7 @@ of a round's population whose answers are equal to the vote's winner reaches ``e
 round is very unlikely to change the answer, so the run stops and that round votes.
 
 Agreement is measured by the vote itself: :func:`answer_agreement` is the one place that asks the
-vote (:func:`markov_rsa.rsa.answers.majority`) which answers count as equal, so whatever notion of
+vote (the task's ``vote``, :func:`markov_rsa.rsa.votes.vote`) which answers count as equal, so whatever notion of
 equal the vote uses, early exit, the what-if of logged runs and the round scheduler use the same.
 Programs cannot be compared as strings: a code task with public tests measures agreement on the
 chosen program's public-test outcome vector (which tests pass and which fail).
@@ -13,6 +13,7 @@ chosen program's public-test outcome vector (which tests pass and which fail).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
 from markov_rsa.rsa.answers import majority
@@ -52,8 +53,11 @@ async def round_agreement(task: Task, candidates: Sequence[Candidate]) -> float:
     if outcomes is not None:
         chosen, _ = await task.select(candidates)
         return await outcome_agreement(candidates, chosen, outcomes)
-    same: Callable[[str, str], bool] | None = getattr(task, "same", None)
-    return answer_agreement([c.answer if c.ok else None for c in candidates], same)
+    answers = [c.answer if c.ok else None for c in candidates]
+    if not answers:
+        return 0.0
+    tally = await asyncio.to_thread(task.vote, answers)  # the vote's own equivalence (math-verify for math)
+    return tally.votes / len(answers)
 
 
 def exits_early(config: RSAConfig, round_index: int, agreement: float) -> bool:
