@@ -225,7 +225,7 @@ async def test_llama_cpp_replicas_serve_one_run_from_a_warm_cache():
 
 # -- 5. logs ------------------------------------------------------------------------------------
 def test_commands_log_retries_to_a_file_and_never_the_key(tmp_path):
-    server = FaultServer(faults=lambda body: ["503", "429"])
+    server = FaultServer(faults=lambda body: ["503", "429"], reply=lambda body: "1 + 1 = \\boxed{2}")
     log = tmp_path / "rsa.log"
     with serve_app(server.app()) as url:
         out = subprocess.run(
