@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from markov_rsa.backends.base import Generation
 from markov_rsa.backends.openai import OpenAIBackend
 from markov_rsa.errors import (
     AuthenticationError,
@@ -197,8 +198,8 @@ class _Server:
         self.metrics.passthrough_total += 1
         return await self.relayed(backend, body, "/completions")
 
-    async def _local_passthrough(self, parsed: ParsedRequest) -> Response:
-        """A backend without an upstream (the local model): one generation from the request's fields."""
+    async def _plain_generation(self, parsed: ParsedRequest) -> tuple[Generation, str, str | None] | Response:
+        """One generation from the request's fields with its answer text and reasoning, or the error reply."""
         try:
             gen = await self.settings.backend.generate(plain_request(parsed.body, self.settings))
         except RequestError as exc:
@@ -208,6 +209,14 @@ class _Server:
         split = split_reasoning(gen)
         reasoned = gen.reasoning is not None or "</think>" in gen.text
         text, reasoning = (split.answer, split.reasoning) if reasoned else (gen.text, None)
+        return gen, text, reasoning
+
+    async def _local_passthrough(self, parsed: ParsedRequest) -> Response:
+        """A backend without an upstream (the local model): one generation from the request's fields."""
+        outcome = await self._plain_generation(parsed)
+        if isinstance(outcome, Response):
+            return outcome
+        gen, text, reasoning = outcome
         reply = Reply([{"index": 0, "message": message(text, reasoning), "finish_reason": gen.finish_reason}],
                       usage_body(gen.prompt_tokens, gen.completion_tokens, gen.reasoning_tokens or 0), {})
         handler = _Envelope(self.settings.model_name)
@@ -229,15 +238,10 @@ class _Server:
             if relayed.status != 404:
                 return await self.relayed(backend, raw, "/responses", relayed)
             logger.info("the upstream has no Responses API; running the request as one chat generation")
-        try:
-            gen = await self.settings.backend.generate(plain_request(parsed.body, self.settings))
-        except RequestError as exc:
-            return error_response(str(exc), exc.status, param=exc.param)
-        except MarkovRSAError as exc:
-            return self.backend_error(exc)
-        split = split_reasoning(gen)
-        reasoned = gen.reasoning is not None or "</think>" in gen.text
-        text, reasoning = (split.answer, split.reasoning) if reasoned else (gen.text, None)
+        outcome = await self._plain_generation(parsed)
+        if isinstance(outcome, Response):
+            return outcome
+        gen, text, reasoning = outcome
         calls = [dict(c) for c in gen.tool_calls] if gen.tool_calls else None
         reply = Reply([{"index": 0, "message": message(text, reasoning, calls), "finish_reason": gen.finish_reason}],
                       usage_body(gen.prompt_tokens, gen.completion_tokens, gen.reasoning_tokens or 0), {})
