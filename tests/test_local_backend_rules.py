@@ -5,6 +5,7 @@ held cache's padding stays bounded."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -159,20 +160,19 @@ async def test_unseeded_requests_leave_the_global_rng_alone_and_aclose_does_not_
     assert torch.equal(torch.get_rng_state(), state), "the worker did not reseed torch's global RNG"
     running = asyncio.create_task(backend.generate(req(HELLO, 3000)))
     await asyncio.sleep(0.3)
-    ticks = 0
+    closed_on: list[threading.Thread] = []
+    close = backend.close
 
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.005)
-            ticks += 1
+    def recording_close() -> None:
+        closed_on.append(threading.current_thread())
+        close()
 
-    ticker = asyncio.create_task(tick())
+    backend.close = recording_close  # type: ignore[method-assign]
     await backend.aclose()
-    ticker.cancel()
     with pytest.raises(BackendUnavailableError):
         await running
-    assert ticks >= 1 and not backend._worker.is_alive()
+    assert closed_on and closed_on[0] is not threading.main_thread(), "close() waited off the event loop's thread"
+    assert not backend._worker.is_alive()
 
 
 async def test_a_long_row_does_not_pad_every_short_one_to_its_width(tiny_zaya, tokenizer):
