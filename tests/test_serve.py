@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -194,3 +195,28 @@ def test_rsa_serve_command_binds_loopback_and_requires_its_token(upstream):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_serve_binds_before_it_says_it_is_serving(tmp_path):
+    """A port out of range or in use is one error line (exit 2), never a banner followed by uvicorn's log
+    or a traceback; --port 0 announces the port it got."""
+    base = [sys.executable, "-m", "markov_rsa", "serve", "--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+    for port in ("99999", "-1"):
+        out = subprocess.run([*base, "--port", port], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and out.stderr.strip().splitlines() == [f"error: port: must be 0-65535, got {port}"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        out = subprocess.run([*base, "--port", str(taken.getsockname()[1])], capture_output=True, text=True,
+                             timeout=60)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "cannot listen on 127.0.0.1:" in lines[0], out.stderr
+    process = subprocess.Popen([*base, "--port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        banner = process.stderr.readline() if process.stderr else ""
+        port = int(banner.split("http://127.0.0.1:")[1].split("/")[0])
+        assert port > 0
+        wait_until_up(f"http://127.0.0.1:{port}/health", process=process, timeout=60)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

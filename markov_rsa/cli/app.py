@@ -405,6 +405,7 @@ def serve(
         setup_logging(log_level, log_file)
         from markov_rsa.server import ServerLimits, ServerSettings, create_app
         from markov_rsa.server.app import LOOPBACK_HOSTS
+        from markov_rsa.server.run import listen
         from markov_rsa.server.run import serve as run_server
 
         key = None
@@ -434,10 +435,14 @@ def serve(
         backend_obj = o.build_backend(chosen)
         settings = ServerSettings(backend=backend_obj, config=config, api_key=key,
                                   model_name=model_name or backend_obj.info.model, limits=limits, heartbeat=heartbeat)
+        sock = listen(host, port)
+        bound = sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
         Console(stderr=True).print(
-            f"serving {settings.model_name} on http://{host}:{port}/v1 (preset {config.preset}"
-            f"{', bearer token required' if key else ''})", highlight=False, soft_wrap=True, markup=False)
-        run_server(create_app(settings), limits, host=host, port=port, drain_seconds=drain_seconds)
+            f"serving {settings.model_name or 'the upstream model'} on http://{shown}:{bound}/v1 (preset "
+            f"{config.preset or 'custom'}{', bearer token required' if key else ''})",
+            highlight=False, soft_wrap=True, markup=False)
+        run_server(create_app(settings), limits, sock=sock, drain_seconds=drain_seconds)
 
     run_cli(body)
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from markov_rsa.errors import ConfigError
 from markov_rsa.server.settings import ServerLimits
 
 logger = logging.getLogger("markov_rsa.server.connections")
@@ -114,7 +116,25 @@ def quiet_repeats() -> OncePerCause:
     return once
 
 
-def serve(app: Any, limits: ServerLimits, *, host: str, port: int, drain_seconds: float) -> None:
-    """Serve until SIGTERM or Ctrl-C, then drain (see the module's docstring)."""
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything says the server is up, so that a port in use, a port
+    out of range or a host that does not resolve is one error line rather than a banner and a log line."""
+    if not 0 <= port <= 65535:
+        raise ConfigError("port", f"must be 0-65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError("host", f"cannot resolve {host!r} ({exc}); use an address such as 127.0.0.1") from None
+    family = infos[0][0]
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise ConfigError("port", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def serve(app: Any, limits: ServerLimits, *, sock: socket.socket, drain_seconds: float) -> None:
+    """Serve on ``sock`` until SIGTERM or Ctrl-C, then drain (see the module's docstring)."""
     quiet_repeats()
-    uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, drain_seconds=drain_seconds)).run()
+    host, port = sock.getsockname()[:2]
+    uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, drain_seconds=drain_seconds)).run(
+        sockets=[sock])
